@@ -1,0 +1,1 @@
+"""Dagster orchestration of the unirl pipeline (thin: each asset calls one `unirl` function)."""

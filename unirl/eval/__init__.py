@@ -1,0 +1,1 @@
+"""Evaluation: benchmarks, reports and sample grids."""

@@ -1,0 +1,97 @@
+"""Model profiles: the architecture of the unified model, read from ``configs/<profile>.yaml``.
+
+A profile names, for each expert, either a local pretrained directory (``path``) or the constructor kwargs of the
+library class (``config``): transformers' ``Qwen2_5_VLConfig`` (``text_config`` + ``vision_config``), diffusers'
+``SanaTransformer2DModel`` and ``AutoencoderDC``. ``vae.path`` and ``vae.config`` both null means pixel space: the
+DiT's "latents" are the RGB images in [-1, 1] (the tiny profile). Token ids (image pad, vision start/end, EOS,
+pad, vocabulary size) are filled in from the tokenizer at build time, never written in a profile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from unirl.config import PROJECT_ROOT, from_dict, option
+
+CONFIGS_DIR = PROJECT_ROOT / "configs"
+
+
+@dataclasses.dataclass
+class LMConfig:
+    path: str | None = option(None, "local Qwen2.5-VL directory (from_pretrained); null: build from `config`")
+    config: dict = option({}, "Qwen2_5_VLConfig kwargs (text_config, vision_config, ...) when `path` is null")
+
+
+@dataclasses.dataclass
+class DiTConfig:
+    path: str | None = option(None, "local SanaTransformer2DModel directory; null: build from `config`")
+    config: dict = option({}, "SanaTransformer2DModel kwargs when `path` is null")
+
+
+@dataclasses.dataclass
+class VAEConfig:
+    path: str | None = option(None, "local AutoencoderDC directory; null with empty config: pixel space")
+    config: dict = option({}, "AutoencoderDC kwargs when `path` is null (architecture only, e.g. for meta builds)")
+
+    @property
+    def pixel_space(self) -> bool:
+        return self.path is None and not self.config
+
+
+@dataclasses.dataclass
+class ConnectorConfig:
+    n_layers: int = option(2, "pre-norm transformer blocks in the connector")
+    n_heads: int = option(4, "attention heads in the connector blocks")
+    mlp_ratio: float = option(2.0, "SwiGLU hidden width as a multiple of the LM width")
+
+
+@dataclasses.dataclass
+class SamplingConfig:
+    steps: int = option(20, "Euler steps for image generation")
+    shift: float = option(3.0, "flow-matching timestep shift: sigma' = shift*s/(1+(shift-1)*s)")
+    cfg_scale: float = option(4.5, "text guidance scale w")
+    ref_cfg_scale: float = option(1.5, "reference-image guidance scale w_ref (editing)")
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    profile: str = option("tiny", "profile name")
+    resolution: int = option(32, "generated image side in pixels")
+    n_query: int = option(8, "learnable query tokens per task (t2i, i2i)")
+    dtype: str = option("float32", "parameter dtype: float32 or bfloat16")
+    vision_min_pixels: int = option(32 * 32, "Qwen2.5-VL image processor: min pixels after resize")
+    vision_max_pixels: int = option(32 * 32, "Qwen2.5-VL image processor: max pixels after resize")
+    lm: LMConfig = dataclasses.field(default_factory=LMConfig)
+    dit: DiTConfig = dataclasses.field(default_factory=DiTConfig)
+    vae: VAEConfig = dataclasses.field(default_factory=VAEConfig)
+    connector: ConnectorConfig = dataclasses.field(default_factory=ConnectorConfig)
+    sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str = "model config") -> ModelConfig:
+        return from_dict(cls, values, where)
+
+
+def load_model_config(profile: str | os.PathLike = "tiny") -> ModelConfig:
+    """Read a profile: a name in ``configs/`` (``tiny``, ``full``) or a path to a YAML file."""
+    p = Path(profile)
+    if p.suffix not in (".yaml", ".yml"):
+        p = CONFIGS_DIR / f"{profile}.yaml"
+    if not p.exists():
+        known = sorted(x.stem for x in CONFIGS_DIR.glob("*.yaml"))
+        raise FileNotFoundError(f"model profile {str(profile)!r} not found at {p}; known profiles: {known}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"model profile {p} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"model profile {p} must be a mapping, got {type(data).__name__}")
+    return ModelConfig.from_dict(data, str(p))

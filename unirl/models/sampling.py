@@ -1,0 +1,98 @@
+"""Sampling loops of the unified model: text (KV-cached autoregressive) and images (Euler ODE with CFG).
+
+Text: prefill the chat-templated prompt once, then one token per step with a ``DynamicCache``; the next token's
+rotary position is the prompt's last position + 1 (the same rule as Qwen2.5-VL's rope deltas, computed here
+explicitly so no state is cached on the LM). Temperature 0 is greedy; ``top_k`` keeps the k largest logits.
+Samples stop at the first EOS (``<|im_end|>``) and then emit pads, which are not returned.
+
+Images: ``x_T ~ N(0, I)``, then ``x <- x + (sigma_{k+1} - sigma_k) * v_hat(x, sigma_k)`` over the scheduler's
+shifted sigmas, with ``v_hat`` the CFG-combined velocity of :meth:`UnifiedModel.guided_velocity`. For editing the
+source images give both the vision-tower tokens (in ``encode``) and the reference latents, noised once per call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from PIL import Image
+from transformers import DynamicCache
+
+if TYPE_CHECKING:
+    from unirl.models.unified import Conditioning, TextSamples, UnifiedModel
+
+
+def next_token(logits: torch.Tensor, temperature: float, top_k: int | None,
+               generator: torch.Generator | None) -> torch.Tensor:
+    """(B, V) logits -> (B,) token ids."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)
+    dev = generator.device if generator is not None else probs.device
+    return torch.multinomial(probs.to(dev), 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+def sample_text(model: UnifiedModel, prompts: Sequence[str], images: Sequence[Image.Image | None] | None,
+                max_new_tokens: int, temperature: float, top_k: int | None,
+                generator: torch.Generator | None) -> TextSamples:
+    from unirl.models.unified import TextSamples
+
+    special = model._require_text().special
+    batch = model.build_inputs(prompts, images)
+    B = batch.input_ids.shape[0]
+    cache = DynamicCache(config=model.lm.config.text_config)
+    pos = model.position_ids(batch)  # (3, B, L)
+    out = model.lm.model.language_model(inputs_embeds=model.input_embeds(batch), attention_mask=batch.attention_mask,
+                                        position_ids=pos, cache=cache, use_cache=True)
+    logits = model.lm.lm_head(out.last_hidden_state[:, -1])  # (B, V)
+    next_pos = pos.amax(dim=(0, 2)) + 1  # (B,)
+    mask = batch.attention_mask
+    finished = torch.zeros(B, dtype=torch.bool, device=mask.device)
+    steps: list[torch.Tensor] = []
+    embed = model.lm.get_input_embeddings()
+    for _ in range(max_new_tokens):
+        tok = next_token(logits, temperature, top_k, generator)
+        tok = torch.where(finished, torch.full_like(tok, special.pad), tok)  # (B,)
+        steps.append(tok)
+        finished = finished | (tok == special.eos)
+        if bool(finished.all()):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)  # (B, L + t)
+        p = next_pos.view(1, B, 1).expand(3, B, 1)  # (3, B, 1)
+        out = model.lm.model.language_model(inputs_embeds=embed(tok[:, None]), attention_mask=mask, position_ids=p,
+                                            cache=cache, use_cache=True)
+        logits = model.lm.lm_head(out.last_hidden_state[:, -1])
+        next_pos = next_pos + 1
+    ids = torch.stack(steps, 1).tolist() if steps else [[] for _ in range(B)]  # (B, T)
+    completions, texts, done = [], [], []
+    for row in ids:
+        cut = row.index(special.eos) + 1 if special.eos in row else len(row)
+        completions.append(row[:cut])
+        done.append(special.eos in row)
+        texts.append(model.tokenizer.decode([t for t in row[:cut] if t != special.eos], skip_special_tokens=True))
+    return TextSamples(texts=texts, completion_ids=completions, finished=done)
+
+
+def sample_latents(model: UnifiedModel, prompts: Sequence[str], images: Sequence[Image.Image] | None, task: str,
+                   steps: int, cfg_scale: float, ref_cfg_scale: float, generator: torch.Generator | None,
+                   prefix_ids: Sequence[Sequence[int]] | None, cond: Conditioning | None) -> torch.Tensor:
+    if task == "i2i" and images is None:
+        raise ValueError("editing (task='i2i') needs the source images")
+    if cond is None:
+        cond = model.encode(prompts, images, task, prefix_ids)
+    B = len(cond)
+    ref = None
+    if task == "i2i":
+        ref = model.noise_reference(model.encode_images(images), generator)  # (B, C, h, w)
+    dev = generator.device if generator is not None else model.device
+    x = torch.randn((B, *model.latent_shape), generator=generator, device=dev).to(model.device, model.dtype)
+    sigmas = model.scheduler.sigmas(steps, device=model.device)  # (T + 1,)
+    for k in range(steps):
+        v = model.guided_velocity(x, sigmas[k], cond, ref, cfg_scale, ref_cfg_scale)
+        x = model.scheduler.step(x, v, sigmas[k], sigmas[k + 1])
+    return x

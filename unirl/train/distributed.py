@@ -1,0 +1,129 @@
+"""Process-group setup shared by every training entry point.
+
+One function, :func:`init_distributed`, makes the same script run
+
+* as a single plain process (``python -m unirl ...``): no environment needed; a 1-process ``gloo``/``nccl``
+  group is created only when asked for (DeepSpeed always needs one), with ``RANK=0``, ``WORLD_SIZE=1``,
+  ``MASTER_ADDR=127.0.0.1`` and a free ``MASTER_PORT`` filled in;
+* under ``torchrun`` or the ``deepspeed`` launcher with several processes: both export ``RANK``,
+  ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``, which ``env://`` initialisation reads.
+
+On a machine without CUDA the backend is ``gloo`` and ``DS_ACCELERATOR=cpu`` is exported before DeepSpeed
+is imported (DeepSpeed picks its accelerator at import time). With CUDA the backend is ``nccl`` and each
+process binds ``cuda:LOCAL_RANK``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from unirl.config import PROJECT_ROOT
+
+__all__ = [
+    "DistInfo",
+    "barrier",
+    "configure_deepspeed_env",
+    "default_device",
+    "dist_info",
+    "init_distributed",
+    "rank0_print",
+]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    is_main: bool
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def configure_deepspeed_env() -> None:
+    """Environment DeepSpeed reads at import: CPU accelerator without CUDA, op builds cached in the project.
+
+    ``TORCH_EXTENSIONS_DIR`` points at ``<project>/.cache/torch_extensions`` (git-ignored) so any JIT-built op
+    is built once per checkout, not once per ``/tmp``. Existing values are kept.
+    """
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(PROJECT_ROOT / ".cache" / "torch_extensions"))
+
+
+def default_backend() -> str:
+    """``nccl`` with CUDA, else ``gloo``."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def default_device(info: DistInfo | None = None) -> torch.device:
+    """``cuda:LOCAL_RANK`` when CUDA is available, else CPU."""
+    if torch.cuda.is_available():
+        local_rank = info.local_rank if info is not None else int(os.environ.get("LOCAL_RANK", "0"))
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def dist_info() -> DistInfo:
+    """The current process's position: from the live process group, else from the launcher's environment."""
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world, is_main=rank == 0)
+
+
+def init_distributed(backend: str | None = None, require_group: bool = False) -> DistInfo:
+    """Join (or create) the process group described by the launcher's environment.
+
+    Args:
+        backend: ``"gloo"``, ``"nccl"`` or ``None`` for :func:`default_backend`.
+        require_group: create a 1-process group even when running alone (DeepSpeed needs one).
+
+    Returns the :class:`DistInfo` of this process. Safe to call more than once.
+    """
+    if dist.is_initialized():
+        return dist_info()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and "RANK" not in os.environ:
+        raise RuntimeError("WORLD_SIZE > 1 but RANK is not set: launch with torchrun or deepspeed, which export both")
+    if world == 1 and not require_group:
+        return dist_info()
+    if world == 1:
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    backend = backend or default_backend()
+    info = dist_info()
+    if backend == "nccl":
+        torch.cuda.set_device(info.local_rank)
+    dist.init_process_group(backend=backend, init_method="env://", rank=info.rank, world_size=world)
+    return dist_info()
+
+
+def barrier() -> None:
+    """``dist.barrier()`` when a group exists, else nothing."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def rank0_print(*args: Any, **kwargs: Any) -> None:
+    """``print`` on rank 0 only (flushes, so launcher logs interleave sensibly)."""
+    if dist_info().is_main:
+        kwargs.setdefault("flush", True)
+        print(*args, **kwargs)

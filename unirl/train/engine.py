@@ -1,0 +1,524 @@
+"""Training engine: one interface over plain PyTorch and DeepSpeed, selected by ``EngineConfig.backend``.
+
+What it implements, for both backends alike:
+
+* **Optimiser**: AdamW (``torch.optim.AdamW``; under DeepSpeed through ``"torch_adam": true`` so no fused-op
+  build) over named parameter groups, each with its own learning rate (the RL stage gives the LM and the DM
+  different rates). Frozen parameters never enter the optimiser, and every trainable parameter of the module
+  must be in exactly one group (an error otherwise), so ``requires_grad`` *is* the set of trained weights.
+* **Schedule**: linear warmup over ``warmup_steps`` optimiser steps (factor ``(t+1)/warmup_steps``), then
+  constant or cosine decay to ``min_lr_ratio`` at ``total_steps``; applied by the engine to every group's
+  base rate, so it is identical under both backends and its only state is the step counter.
+* **Step**: ``backward(loss)`` accumulates ``loss / grad_accum_steps``; ``step()`` is called after every
+  micro-batch and acts on the accumulation boundary only: average gradients over ranks, clip the global norm
+  to ``grad_clip``, AdamW step, zero the gradients. A trainable parameter that got no gradient this step is
+  treated as having a zero gradient (its moments still decay and weight decay still applies): that is what
+  DeepSpeed's flat ZeRO buffers do, and doing the same in the torch backend keeps the two identical.
+* **Data parallel, torch backend**: parameters are broadcast from rank 0 at build time and gradients are
+  averaged with one flat ``all_reduce`` at the boundary. This is DDP's arithmetic without its wrapper: DDP
+  only synchronises gradients that flow through ``DDP.forward``, while the unified model's losses call its
+  submodules (LM, connector, DiT) directly and leave some of them unused per batch (e.g. the ``i2i`` queries
+  on a text-to-image batch).
+* **DeepSpeed backend**: ``deepspeed.initialize`` with a ZeRO config from ``configs/deepspeed/`` overridden by
+  this config (learning rate, AdamW hyper-parameters, clipping, batch sizes, bf16). On CPU: ``DS_ACCELERATOR
+  =cpu`` + gloo (see :mod:`unirl.train.distributed`).
+* **Checkpoint state** is engine-independent: the full model state (ZeRO-3 parameters gathered) and, per
+  trainable parameter *name*, AdamW's ``exp_avg``/``exp_avg_sq`` in the parameter's own shape, plus the step
+  counters. A checkpoint written by one backend resumes under the other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from unirl.config import PROJECT_ROOT, option
+from unirl.train.checkpoint import CheckpointError, check_key_sets
+from unirl.train.distributed import DistInfo, configure_deepspeed_env, default_device, init_distributed
+
+__all__ = ["Engine", "EngineConfig", "build_engine", "lr_factor"]
+
+ENGINE_STATE_FORMAT = "unirl.engine/adamw-v1"
+_GROUP_KEYS = {"params", "lr", "name", "weight_decay"}
+
+
+@dataclass
+class EngineConfig:
+    """Optimiser, schedule and parallelism of one training stage (section ``engine`` of a stage config)."""
+
+    # --- backend ---
+    backend: str = option("torch", "'torch' (AdamW, gradients averaged over ranks) or 'deepspeed' (ZeRO)")
+    deepspeed_config: str = option(
+        "zero2", "DeepSpeed JSON: a name in configs/deepspeed/ (zero1, zero2, zero3) or a path to a .json file"
+    )
+    precision: str = option("fp32", "'fp32' or 'bf16' (DeepSpeed: bf16 weights + fp32 master; torch: autocast)")
+    # --- optimiser ---
+    lr: float = option(1e-4, "learning rate of parameter groups that do not set their own 'lr'")
+    weight_decay: float = option(0.0, "AdamW decoupled weight decay of groups that do not set their own")
+    betas: list = option([0.9, 0.999], "AdamW (beta1, beta2)")
+    eps: float = option(1e-8, "AdamW epsilon")
+    grad_clip: float = option(1.0, "clip the global gradient L2 norm to this value before each step (0 = off)")
+    # --- schedule ---
+    schedule: str = option("constant", "learning-rate shape after warmup: 'constant' or 'cosine'")
+    warmup_steps: int = option(0, "linear warmup length in optimiser steps (factor (t+1)/warmup_steps)")
+    total_steps: int = option(0, "optimiser steps of the whole run (needed by 'cosine')")
+    min_lr_ratio: float = option(0.0, "cosine floor as a fraction of each group's base learning rate")
+    # --- batching ---
+    micro_batch_size: int = option(1, "samples per process per micro-batch (DeepSpeed batch bookkeeping)")
+    grad_accum_steps: int = option(1, "micro-batches accumulated into one optimiser step")
+
+
+def lr_factor(cfg: EngineConfig, step: int) -> float:
+    """Multiplier of the base learning rate at optimiser step ``step`` (0-based)."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule == "cosine":
+        span = max(1, cfg.total_steps - cfg.warmup_steps)
+        progress = min(1.0, max(0.0, (step - cfg.warmup_steps) / span))
+        return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown engine.schedule {cfg.schedule!r}: use 'constant' or 'cosine'")
+
+
+def _validate(cfg: EngineConfig) -> None:
+    if cfg.backend not in ("torch", "deepspeed"):
+        raise ValueError(f"unknown engine.backend {cfg.backend!r}: use 'torch' or 'deepspeed'")
+    if cfg.precision not in ("fp32", "bf16"):
+        raise ValueError(f"unknown engine.precision {cfg.precision!r}: use 'fp32' or 'bf16'")
+    if cfg.schedule == "cosine" and cfg.total_steps <= cfg.warmup_steps:
+        raise ValueError("engine.schedule 'cosine' needs engine.total_steps > engine.warmup_steps")
+    if cfg.grad_accum_steps < 1 or cfg.micro_batch_size < 1:
+        raise ValueError("engine.grad_accum_steps and engine.micro_batch_size must be >= 1")
+    lr_factor(cfg, 0)
+
+
+def _named_groups(model: nn.Module, param_groups: list[dict], cfg: EngineConfig) -> list[dict]:
+    """Check the groups against the model; return them with names, base lr and frozen params removed."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    seen: dict[int, str] = {}
+    groups = []
+    for i, g in enumerate(param_groups):
+        unknown = set(g) - _GROUP_KEYS
+        if unknown:
+            raise ValueError(f"param group {i} has unknown key(s) {sorted(unknown)}; allowed: {sorted(_GROUP_KEYS)}")
+        gname = str(g.get("name", f"group{i}"))
+        params = []
+        for p in g["params"]:
+            if id(p) not in names:
+                raise ValueError(f"param group {gname!r} holds a tensor that is not a parameter of the model")
+            if id(p) in seen:
+                raise ValueError(f"parameter {names[id(p)]!r} is in groups {seen[id(p)]!r} and {gname!r}")
+            seen[id(p)] = gname
+            if p.requires_grad:
+                params.append(p)
+        if not params:
+            raise ValueError(f"param group {gname!r} has no trainable parameter (all frozen or empty)")
+        groups.append(
+            {
+                "params": params,
+                "name": gname,
+                "lr": float(g.get("lr", cfg.lr)),
+                "weight_decay": float(g.get("weight_decay", cfg.weight_decay)),
+            }
+        )
+    if len({g["name"] for g in groups}) != len(groups):
+        raise ValueError(f"param group names must be unique, got {[g['name'] for g in groups]}")
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in seen]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} trainable parameter(s) are in no param group, e.g. {missing[:3]}: "
+            "freeze them (requires_grad_(False)) or add them to a group"
+        )
+    return groups
+
+
+class Engine:
+    """Backend-independent training engine; build it with :func:`build_engine`."""
+
+    def __init__(self, module: nn.Module, groups: list[dict], cfg: EngineConfig, info: DistInfo) -> None:
+        self.cfg = cfg
+        self.info = info
+        self._module = module
+        self.group_names: list[str] = [g["name"] for g in groups]
+        self.base_lrs: list[float] = [g["lr"] for g in groups]
+        self.param_names: dict[int, str] = {id(p): n for n, p in module.named_parameters()}
+        self.trainable: list[tuple[str, nn.Parameter]] = [
+            (self.param_names[id(p)], p) for g in groups for p in g["params"]
+        ]
+        self.optimizer_step = 0
+        self.micro_step = 0
+        self.grad_norm: float | None = None
+
+    # --- interface ---
+    @property
+    def module(self) -> nn.Module:
+        """The trained ``nn.Module`` itself (not a wrapper): call its methods directly."""
+        return self._module
+
+    @property
+    def device(self) -> torch.device:
+        return default_device(self.info)
+
+    @property
+    def is_main(self) -> bool:
+        return self.info.is_main
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Context for forward passes: bf16 autocast on the torch backend with ``precision='bf16'``."""
+        if self.cfg.backend == "torch" and self.cfg.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def lr(self) -> dict[str, float]:
+        """Learning rate of each group (by name) used by the latest optimiser step (before any: the first)."""
+        return self._lrs_at(max(0, self.optimizer_step - 1))
+
+    def _lrs_at(self, step: int) -> dict[str, float]:
+        f = lr_factor(self.cfg, step)
+        return {n: base * f for n, base in zip(self.group_names, self.base_lrs)}
+
+    def is_boundary(self) -> bool:
+        """Whether the next ``step()`` call performs an optimiser step."""
+        return (self.micro_step + 1) % self.cfg.grad_accum_steps == 0
+
+    def backward(self, loss: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def step(self) -> bool:
+        """End one micro-batch; on the accumulation boundary clip, step, schedule and zero grads (returns True)."""
+        raise NotImplementedError
+
+    def _apply_lr(self, optim_groups: list[dict]) -> None:
+        lrs = self._lrs_at(self.optimizer_step)
+        for g in optim_groups:
+            g["lr"] = lrs[g["name"]]
+
+    # --- checkpoint state ---
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full model state (fp32 master values for trainable weights). Collective: call on every rank."""
+        raise NotImplementedError
+
+    def _moments(self) -> dict[str, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def _set_moments(self, moments: dict[str, dict[str, torch.Tensor]]) -> None:
+        raise NotImplementedError
+
+    def _set_model_state(self, state: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def state_dict_for_checkpoint(self) -> dict[str, Any]:
+        """Engine-independent optimiser state (nested dict of tensors/scalars). Collective: call on every rank."""
+        moments = self._moments()
+        return {
+            "format": ENGINE_STATE_FORMAT,
+            "backend": self.cfg.backend,
+            "optimizer_step": self.optimizer_step,
+            "micro_step": self.micro_step,
+            "groups": [
+                {"name": n, "base_lr": lr, "params": [pn for pn, p in self.trainable if id(p) in ids]}
+                for n, lr, ids in zip(self.group_names, self.base_lrs, self._group_ids())
+            ],
+            "exp_avg": {n: m["exp_avg"] for n, m in moments.items()},
+            "exp_avg_sq": {n: m["exp_avg_sq"] for n, m in moments.items()},
+        }
+
+    def load_checkpoint_state(
+        self,
+        engine_state: dict[str, Any] | None,
+        model_state: dict[str, torch.Tensor] | None = None,
+        source: str | Path | None = None,
+    ) -> None:
+        """Restore the model weights (if given) and the optimiser state of :meth:`state_dict_for_checkpoint`.
+
+        Call on every rank after building the engine. Raises :class:`CheckpointError` (naming ``source``, the
+        checkpoint path) when the checkpoint's parameter names or groups do not match this engine's.
+        """
+        where = f" of {source}" if source is not None else ""
+        if model_state is not None:
+            check_key_sets(self._module.state_dict().keys(), model_state.keys(), "model state", source)
+            self._set_model_state(model_state)
+        if engine_state is None:
+            return
+        if engine_state.get("format") != ENGINE_STATE_FORMAT:
+            raise CheckpointError(
+                f"engine state{where} has format {engine_state.get('format')!r}, "
+                f"expected {ENGINE_STATE_FORMAT!r}: it was not written by this engine"
+            )
+        names = [g["name"] for g in engine_state["groups"]]
+        if names != self.group_names:
+            raise CheckpointError(
+                f"param groups{where} {names} differ from this run's {self.group_names}: "
+                "build the engine with the same groups to resume"
+            )
+        check_key_sets([n for n, _ in self.trainable], engine_state["exp_avg"].keys(), "optimizer state", source)
+        self.optimizer_step = int(engine_state["optimizer_step"])
+        self.micro_step = int(engine_state["micro_step"])
+        self._set_moments(
+            {
+                n: {"exp_avg": engine_state["exp_avg"][n], "exp_avg_sq": engine_state["exp_avg_sq"][n]}
+                for n, _ in self.trainable
+            }
+        )
+
+    def _group_ids(self) -> list[set[int]]:
+        raise NotImplementedError
+
+
+class TorchEngine(Engine):
+    """Plain PyTorch AdamW; gradients averaged over ranks by one flat ``all_reduce`` (see the module docstring)."""
+
+    def __init__(self, module: nn.Module, groups: list[dict], cfg: EngineConfig, info: DistInfo) -> None:
+        super().__init__(module, groups, cfg, info)
+        self._groups_params = [list(g["params"]) for g in groups]
+        self.optimizer = torch.optim.AdamW(
+            groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay
+        )
+        if info.world_size > 1:
+            with torch.no_grad():
+                for t in list(module.parameters()) + list(module.buffers()):
+                    dist.broadcast(t.data, src=0)
+
+    def _group_ids(self) -> list[set[int]]:
+        return [{id(p) for p in ps} for ps in self._groups_params]
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.cfg.grad_accum_steps).backward()
+
+    def _all_reduce_grads(self) -> None:
+        params = [p for _, p in self.trainable]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        if self.info.world_size == 1:
+            return
+        flat = torch.cat([p.grad.reshape(-1) for p in params])  # (N_trainable,)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= self.info.world_size
+        offset = 0
+        for p in params:
+            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
+            offset += p.numel()
+
+    def step(self) -> bool:
+        boundary = self.is_boundary()
+        self.micro_step += 1
+        if not boundary:
+            return False
+        self._all_reduce_grads()
+        params = [p for _, p in self.trainable]
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        self.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        self._apply_lr(self.optimizer.param_groups)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer_step += 1
+        return True
+
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self._module.state_dict().items()}
+
+    def _set_model_state(self, state: dict[str, torch.Tensor]) -> None:
+        self._module.load_state_dict(state, strict=True)
+
+    def _moments(self) -> dict[str, dict[str, torch.Tensor]]:
+        out = {}
+        for n, p in self.trainable:
+            st = self.optimizer.state.get(p, {})
+            out[n] = {k: st[k].detach() if k in st else torch.zeros_like(p) for k in ("exp_avg", "exp_avg_sq")}
+        return out
+
+    def _set_moments(self, moments: dict[str, dict[str, torch.Tensor]]) -> None:
+        for n, p in self.trainable:
+            self.optimizer.state[p] = {
+                "step": torch.tensor(float(self.optimizer_step)),
+                "exp_avg": moments[n]["exp_avg"].to(p.device, p.dtype).clone().view_as(p),
+                "exp_avg_sq": moments[n]["exp_avg_sq"].to(p.device, p.dtype).clone().view_as(p),
+            }
+
+
+def load_deepspeed_config(cfg: EngineConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON named by ``cfg.deepspeed_config`` with this config's optimiser/batch/precision values."""
+    name = cfg.deepspeed_config
+    path = Path(name) if name.endswith(".json") else PROJECT_ROOT / "configs" / "deepspeed" / f"{name}.json"
+    if not path.exists():
+        raise FileNotFoundError(f"DeepSpeed config {path} not found: use zero1, zero2, zero3 or a path to a .json")
+    ds = json.loads(path.read_text())
+    ds["train_micro_batch_size_per_gpu"] = cfg.micro_batch_size
+    ds["gradient_accumulation_steps"] = cfg.grad_accum_steps
+    ds["train_batch_size"] = cfg.micro_batch_size * cfg.grad_accum_steps * world_size
+    ds["gradient_clipping"] = float(cfg.grad_clip)
+    ds["optimizer"] = {
+        "type": "AdamW",
+        "params": {
+            "lr": cfg.lr,
+            "betas": list(cfg.betas),
+            "eps": cfg.eps,
+            "weight_decay": cfg.weight_decay,
+            "torch_adam": True,
+        },
+    }
+    ds.pop("scheduler", None)  # the engine applies the schedule itself (per-group base rates)
+    ds["bf16"] = {"enabled": cfg.precision == "bf16"}
+    ds["fp16"] = {"enabled": False}
+    return ds
+
+
+class DeepSpeedEngine(Engine):
+    """``deepspeed.initialize`` with ZeRO 1/2/3; see :func:`load_deepspeed_config` for the overrides."""
+
+    def __init__(self, module: nn.Module, groups: list[dict], cfg: EngineConfig, info: DistInfo) -> None:
+        super().__init__(module, groups, cfg, info)
+        import deepspeed
+
+        self._ds_config = load_deepspeed_config(cfg, info.world_size)
+        self.zero_stage = int(self._ds_config.get("zero_optimization", {}).get("stage", 0))
+        self._groups_params = [list(g["params"]) for g in groups]
+        self.ds_engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=module, model_parameters=groups, config=self._ds_config
+        )
+
+    def _group_ids(self) -> list[set[int]]:
+        return [{id(p) for p in ps} for ps in self._groups_params]
+
+    @property
+    def module(self) -> nn.Module:
+        return self.ds_engine.module
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # DeepSpeedEngine.forward starts each micro-batch by resetting ZeRO's backward-hook bookkeeping (ZeRO-3
+        # counts micro-steps there). The unified model's losses call submodules, not forward, so do it here;
+        # a second reset after a real forward is a no-op.
+        reset = getattr(self.ds_engine.optimizer, "clear_backward_seen_flag", None)
+        if reset is not None:
+            reset()
+        self.ds_engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
+
+    def step(self) -> bool:
+        boundary = self.ds_engine.is_gradient_accumulation_boundary()
+        if boundary:
+            self._apply_lr(self.ds_engine.optimizer.param_groups)
+            if self.zero_stage == 0:  # no ZeRO optimiser: DeepSpeed reports no norm, measure it (grads are averaged)
+                norms = [p.grad.norm() for _, p in self.trainable if p.grad is not None]
+                self.grad_norm = float(torch.stack(norms).norm()) if norms else 0.0
+        self.ds_engine.step()
+        self.micro_step += 1
+        if not boundary:
+            return False
+        if self.zero_stage > 0:
+            norm = self.ds_engine.get_global_grad_norm()
+            self.grad_norm = None if norm is None else float(norm)
+        self.optimizer_step += 1
+        return True
+
+    # --- engine-independent state through DeepSpeed's tensor-fragment API (collective under ZeRO) ---
+    def _gathered(self) -> contextlib.AbstractContextManager:
+        if self.zero_stage == 3:
+            import deepspeed
+
+            return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=0)
+        return contextlib.nullcontext()
+
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        with self._gathered():
+            state = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+        for n, p in self.trainable:
+            full = safe_get_full_fp32_param(p)
+            if full is not None:
+                state[n] = full.detach().reshape(state[n].shape)  # fp32 master (bf16 runs save fp32 weights)
+        return state
+
+    def _set_model_state(self, state: dict[str, torch.Tensor]) -> None:
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        with self._gathered(), torch.no_grad():
+            for k, t in self.module.state_dict(keep_vars=True).items():
+                t.data.copy_(state[k].to(t.device, t.dtype).reshape(t.shape))
+        for n, p in self.trainable:
+            safe_set_full_fp32_param(p, state[n].to(self.device, torch.float32))
+
+    def _ensure_optimizer_state(self) -> None:
+        """Create AdamW state on DeepSpeed's flat fp32 partitions if no step ran yet, and (re)link the fragments.
+
+        DeepSpeed 0.19 links each parameter's view of the optimiser state lazily after the first group's step,
+        so with several param groups the later groups stay unlinked; relinking here fixes that.
+        """
+        opt = self.ds_engine.optimizer
+        base = opt.optimizer
+        flats = opt.fp32_partitioned_groups_flat if self.zero_stage == 3 else opt.single_partition_of_fp32_groups
+        for flat in flats:
+            st = base.state[flat]
+            if "exp_avg" not in st:
+                st["step"] = torch.tensor(float(self.optimizer_step))
+                st["exp_avg"] = torch.zeros_like(flat)
+                st["exp_avg_sq"] = torch.zeros_like(flat)
+        if self.zero_stage in (1, 2):
+            from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
+
+            for i, flat in enumerate(flats):
+                lazy_init_hp_params_optimizer_state(opt.bit16_groups[i], flat, base.state)
+            opt._hp_optimizer_states_linked = True
+
+    def _moments(self) -> dict[str, dict[str, torch.Tensor]]:
+        if self.zero_stage == 0:
+            return TorchEngine._moments(self)  # type: ignore[arg-type]
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        self._ensure_optimizer_state()
+        return {
+            n: {
+                k: safe_get_full_optimizer_state(p, k)
+                .detach()
+                .reshape(p.ds_shape if self.zero_stage == 3 else p.shape)
+                for k in ("exp_avg", "exp_avg_sq")
+            }
+            for n, p in self.trainable
+        }
+
+    def _set_moments(self, moments: dict[str, dict[str, torch.Tensor]]) -> None:
+        if self.zero_stage == 0:
+            TorchEngine._set_moments(self, moments)  # type: ignore[arg-type]
+            return
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        self._ensure_optimizer_state()
+        base = self.ds_engine.optimizer.optimizer
+        for st in base.state.values():
+            if "step" in st:
+                st["step"] = torch.tensor(float(self.optimizer_step))
+        for n, p in self.trainable:
+            for k in ("exp_avg", "exp_avg_sq"):
+                safe_set_full_optimizer_state(p, moments[n][k].to(self.device, torch.float32), k)
+
+
+def build_engine(model: nn.Module, param_groups: list[dict], cfg: EngineConfig) -> Engine:
+    """Wrap ``model`` for training with the optimiser/schedule/backend of ``cfg``.
+
+    Args:
+        model: the module to train, already on its device (``default_device()``); its frozen parameters
+            (``requires_grad=False``) are left out of the optimiser.
+        param_groups: ``[{"params": [...], "lr": float, "name": str, "weight_decay": float (optional)}]``;
+            every trainable parameter must be in exactly one group.
+        cfg: the :class:`EngineConfig`.
+
+    Joins the process group from the launcher's environment first (:func:`init_distributed`).
+    """
+    _validate(cfg)
+    groups = _named_groups(model, param_groups, cfg)
+    if cfg.backend == "deepspeed":
+        configure_deepspeed_env()
+        info = init_distributed(require_group=True)
+        return DeepSpeedEngine(model, groups, cfg, info)
+    info = init_distributed()
+    return TorchEngine(model, groups, cfg, info)
