@@ -39,8 +39,9 @@ def _spec(rng: random.Random, shape: str, color: str | None = None) -> tuple[str
     return (shape, color or rng.choice(COLORS), rng.choice(("small", "large")))
 
 
-def random_case(rng: random.Random) -> tuple[Scene, dict]:
-    """A scene built for a random GenEval tag and metadata true for it, violated with probability 1/2."""
+def random_case(rng: random.Random) -> tuple[Scene, dict, bool]:
+    """(scene, metadata, violated): a scene built for a random GenEval tag with metadata true for it by
+    construction, broken in one random way (so false) with probability 1/2."""
     tag = rng.choice(TAGS)
     a, b, c = rng.sample(SHAPES, 3)
     relation = None
@@ -72,9 +73,10 @@ def random_case(rng: random.Random) -> tuple[Scene, dict]:
     if tag == "counting":
         md["exclude"] = [{"class": a, "count": include[0]["count"] + 1}]
     scene = place(rng, specs, relation=relation)
-    if rng.random() < 0.5:
+    violated = rng.random() < 0.5
+    if violated:
         _violate(rng, scene, md)
-    return scene, md
+    return scene, md, violated
 
 
 def _violate(rng: random.Random, scene: Scene, md: dict) -> None:
@@ -157,7 +159,7 @@ def measure(n: int, res: int, condition: str = "clean", seed: int = 0) -> dict:
     tp = gt = nd = agree = n_true = 0
     elapsed = 0.0
     for _ in range(n):
-        scene, md = random_case(rng)
+        scene, md, _ = random_case(rng)
         image = degrade(render(scene, res), condition, nrng)
         t0 = time.perf_counter()
         dets = detect(image)
@@ -190,8 +192,8 @@ def main() -> None:
     print(f"{'res':>4} {'condition':>9} {'n':>6} {'obj acc':>8} {'agree':>7} {'true %':>7} {'scenes/s':>9}")
     for r in rows:
         print(
-            f"{r['res']:>4} {r['condition']:>9} {r['n']:>6} {r['object_accuracy']:>8.4f} {r['correct_agreement']:>7.4f}"
-            f" {r['true_fraction']:>7.3f} {r['scenes_per_s']:>9.0f}"
+            f"{r['res']:>4} {r['condition']:>9} {r['n']:>6} {r['object_accuracy']:>8.4f}"
+            f" {r['correct_agreement']:>7.4f} {r['true_fraction']:>7.3f} {r['scenes_per_s']:>9.0f}"
         )
     print(json.dumps({"bench": "verifier_accuracy", "rows": rows}))
 

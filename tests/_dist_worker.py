@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from unirl.train import EngineConfig, build_engine, resume_training, save_training_checkpoint
+from unirl.train import EngineConfig, build_engine, load_checkpoint, resume_training, save_training_checkpoint
 
 IN_DIM, HIDDEN, OUT_DIM, BATCH = 6, 16, 3, 4
 
@@ -43,6 +43,19 @@ class ToyModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(self.frozen_proj(x)) * self.scale + self.head_bias
+
+    @torch.no_grad()
+    def predict(self, model_input: list[list[float]], params: dict | None = None) -> list[list[float]]:
+        """pyfunc-style inference: rows of IN_DIM floats -> rows of OUT_DIM floats (eval mode)."""
+        self.eval()
+        return self(torch.tensor(model_input, dtype=torch.float32)).tolist()
+
+
+def load_toy_model(ckpt_dir: str | Path) -> ToyModel:
+    """Loader for the MLflow pyfunc test: a checkpoint directory -> a ready ToyModel."""
+    model = toy_model()
+    model.load_state_dict(load_checkpoint(ckpt_dir).model_state)
+    return model
 
 
 def toy_model(seed: int = 0, dropout: float = 0.0) -> ToyModel:
@@ -101,8 +114,14 @@ def main(argv: list[str] | None = None) -> None:
 
     model = toy_model(dropout=0.2 if args.stochastic else 0.0)
     cfg = EngineConfig(
-        backend=args.backend, deepspeed_config=args.ds_config, grad_clip=1.0, warmup_steps=2,
-        schedule="cosine", total_steps=args.steps, min_lr_ratio=0.1, grad_accum_steps=args.accum,
+        backend=args.backend,
+        deepspeed_config=args.ds_config,
+        grad_clip=1.0,
+        warmup_steps=2,
+        schedule="cosine",
+        total_steps=args.steps,
+        min_lr_ratio=0.1,
+        grad_accum_steps=args.accum,
         micro_batch_size=BATCH,
     )
     engine = build_engine(model, toy_groups(model), cfg)
@@ -126,8 +145,14 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     state = engine.model_state_dict()
     model_digest = param_digest(engine.module)
-    record = {"rank": rank, "world_size": engine.info.world_size, "digest": model_digest, "steps": args.steps,
-              "resumed_from": resumed_from, "optimizer_step": engine.optimizer_step}
+    record = {
+        "rank": rank,
+        "world_size": engine.info.world_size,
+        "digest": model_digest,
+        "steps": args.steps,
+        "resumed_from": resumed_from,
+        "optimizer_step": engine.optimizer_step,
+    }
     (out / f"rank{rank}.json").write_text(json.dumps(record))
     if rank == 0:
         save_file({k: v.cpu().contiguous() for k, v in state.items()}, str(out / "final.safetensors"))

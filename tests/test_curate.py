@@ -16,7 +16,13 @@ from unirl.data.verifier import load_geneval_metadata, score
 
 
 def test_assign_splits_is_deterministic_disjoint_and_covers_every_split():
-    strata = {"circle": [f"p{i}" for i in range(10)], "square": ["q0", "q1", "q2"], "a": ["r0"], "b": ["r1"], "c": ["r2"]}
+    strata = {
+        "circle": [f"p{i}" for i in range(10)],
+        "square": ["q0", "q1", "q2"],
+        "a": ["r0"],
+        "b": ["r1"],
+        "c": ["r2"],
+    }
     a = assign_splits(strata, {"train": 0.8, "val": 0.1, "test": 0.1}, seed=0, salt="t2i")
     b = assign_splits(strata, {"train": 0.8, "val": 0.1, "test": 0.1}, seed=0, salt="t2i")
     assert a == b

@@ -46,14 +46,19 @@ def _tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
 
 
 def _caption_tar(path: Path) -> Path:
-    return _tar(path, [
-        ("a.jpg", _bytes(_bands(48, 16, True), "JPEG")), ("a.txt", b"  a green\nsquare  "),
-        ("b.json", json.dumps({"caption": "a tall green thing", "width": 32}).encode()),
-        ("b.png", _bytes(_bands(32, 64, False), "PNG")),
-        ("c.jpeg", _bytes(_bands(16, 16, True), "JPEG")),
-        ("c.json", json.dumps({"text": "plain text field"}).encode()),
-        ("d.png", _bytes(_bands(16, 48, False).convert("RGBA"), "PNG")), ("d.json", b'{"prompt": "from prompt"}'),
-    ])
+    return _tar(
+        path,
+        [
+            ("a.jpg", _bytes(_bands(48, 16, True), "JPEG")),
+            ("a.txt", b"  a green\nsquare  "),
+            ("b.json", json.dumps({"caption": "a tall green thing", "width": 32}).encode()),
+            ("b.png", _bytes(_bands(32, 64, False), "PNG")),
+            ("c.jpeg", _bytes(_bands(16, 16, True), "JPEG")),
+            ("c.json", json.dumps({"text": "plain text field"}).encode()),
+            ("d.png", _bytes(_bands(16, 48, False).convert("RGBA"), "PNG")),
+            ("d.json", b'{"prompt": "from prompt"}'),
+        ],
+    )
 
 
 def test_caption_tars_resize_crop_and_captions(tmp_path: Path) -> None:
@@ -61,8 +66,12 @@ def test_caption_tars_resize_crop_and_captions(tmp_path: Path) -> None:
     shard_dir.mkdir()
     _caption_tar(shard_dir / "part-0.tar")
     recs = list(import_caption_tars(shard_dir, RES))
-    assert [r.meta["prompt"] for r in recs] == ["a green square", "a tall green thing", "plain text field",
-                                                 "from prompt"]
+    assert [r.meta["prompt"] for r in recs] == [
+        "a green square",
+        "a tall green thing",
+        "plain text field",
+        "from prompt",
+    ]
     for r, key in zip(recs, "abcd"):
         assert r.task == "t2i" and set(r.images) == {"png"}
         assert r.meta["tag"] == "caption" and r.meta["metadata"] is None and r.meta["resolution"] == RES
@@ -104,8 +113,10 @@ def test_imported_captions_round_trip_through_shards(tmp_path: Path) -> None:
 )
 def test_caption_tar_bad_samples(tmp_path: Path, members, match: str) -> None:
     good = _bytes(_bands(16, 16, True), "PNG")
-    path = _tar(tmp_path / "bad.tar", [("k0.png", good), ("k0.txt", b"fine")] +
-                [(n, good if d is None else d) for n, d in members])
+    path = _tar(
+        tmp_path / "bad.tar",
+        [("k0.png", good), ("k0.txt", b"fine")] + [(n, good if d is None else d) for n, d in members],
+    )
     it = import_caption_tars(path, RES)
     assert next(it).meta["prompt"] == "fine"
     with pytest.raises(ImportDataError, match=match):
@@ -123,16 +134,24 @@ def test_caption_tar_truncated_and_missing(tmp_path: Path) -> None:
 
 def _edit_table(src_name="source_image", tgt_name="edited_image", ins_name="instruction", bad_row=None) -> pa.Table:
     src = [_bytes(_bands(32, 16, True), "PNG"), _bytes(Image.new("RGB", (16, 16), RED), "PNG")]
-    tgt = [{"bytes": _bytes(Image.new("RGB", (24, 24), BLUE), "PNG"), "path": "t0.png"},
-           {"bytes": _bytes(Image.new("RGB", (16, 16), GREEN), "PNG"), "path": None}]
+    tgt = [
+        {"bytes": _bytes(Image.new("RGB", (24, 24), BLUE), "PNG"), "path": "t0.png"},
+        {"bytes": _bytes(Image.new("RGB", (16, 16), GREEN), "PNG"), "path": None},
+    ]
     ins = ["make it blue", "  turn the   red square green "]
     if bad_row == "image":
         tgt[1] = {"bytes": b"\x89PNG broken", "path": None}
     elif bad_row == "instruction":
         ins[1] = "   "
     struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    return pa.table({src_name: pa.array(src, pa.binary()), tgt_name: pa.array(tgt, struct),
-                     ins_name: pa.array(ins), "other": pa.array([1, 2])})
+    return pa.table(
+        {
+            src_name: pa.array(src, pa.binary()),
+            tgt_name: pa.array(tgt, struct),
+            ins_name: pa.array(ins),
+            "other": pa.array([1, 2]),
+        }
+    )
 
 
 def test_edit_parquet_records(tmp_path: Path) -> None:
@@ -154,15 +173,21 @@ def test_edit_parquet_column_aliases_and_explicit_names(tmp_path: Path) -> None:
     pq.write_table(_edit_table("before", "after", "caption"), tmp_path / "b.parquet")
     with pytest.raises(ImportDataError, match=r"b\.parquet: no source column .*'before', 'after', 'caption'"):
         list(import_edit_parquet(tmp_path / "b.parquet", RES))
-    recs = import_edit_parquet(tmp_path / "b.parquet", RES, source_column="before", target_column="after",
-                               instruction_column="caption")
+    recs = import_edit_parquet(
+        tmp_path / "b.parquet", RES, source_column="before", target_column="after", instruction_column="caption"
+    )
     assert len(list(recs)) == 2
     with pytest.raises(ImportDataError, match=r"b\.parquet: target column 'nope' not found"):
         list(import_edit_parquet(tmp_path / "b.parquet", RES, source_column="before", target_column="nope"))
 
 
-@pytest.mark.parametrize(("bad", "match"), [("image", r"row 1 \(edited_image\): image does not decode"),
-                                            ("instruction", r"row 1: empty or missing instruction")])
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        ("image", r"row 1 \(edited_image\): image does not decode"),
+        ("instruction", r"row 1: empty or missing instruction"),
+    ],
+)
 def test_edit_parquet_bad_rows(tmp_path: Path, bad: str, match: str) -> None:
     pq.write_table(_edit_table(bad_row=bad), tmp_path / "bad.parquet")
     it = import_edit_parquet(tmp_path / "bad.parquet", RES)

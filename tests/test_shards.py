@@ -10,12 +10,13 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
+import webdataset as wds
 from PIL import Image
 
 from unirl.data import shards
-from unirl.data.shards import Record, ShardError, list_shards, metadata_table, read_samples, write_shards
+from unirl.data.shards import Record, ShardError, list_shards, read_samples, write_shards
+from unirl.data.validate import metadata_table
 
 RES = 16
 
@@ -26,8 +27,11 @@ def _img(seed: int, size: tuple[int, int] = (RES, RES)) -> Image.Image:
 
 
 def _t2i(i: int, tag: str = "counting", count: int = 2, size: tuple[int, int] = (RES, RES)) -> Record:
-    md = {"tag": tag, "include": [{"class": "circle", "count": count}, {"class": "square", "count": 1}],
-          "prompt": f"a photo of {count} circles and a square #{i}"}
+    md = {
+        "tag": tag,
+        "include": [{"class": "circle", "count": count}, {"class": "square", "count": 1}],
+        "prompt": f"a photo of {count} circles and a square #{i}",
+    }
     meta = {"task": "t2i", "tag": tag, "prompt": md["prompt"], "resolution": RES, "metadata": md, "scene": {"i": i}}
     return Record("t2i", {"png": _img(i, size)}, meta)
 
@@ -78,6 +82,12 @@ def test_round_trip_pixels_and_meta(tmp_path: Path) -> None:
     assert u.images == {} and u.meta == text.meta
     only_val = list(read_samples(tmp_path / "t2i", "val"))
     assert [s.key for s in only_val] == [k for k, sp, _ in triples if sp == "val"]
+    val_shard = tmp_path / "t2i" / "val-000000.tar"
+    assert [s.key for s in read_samples(val_shard, task="t2i")] == [s.key for s in only_val]
+    # plain WebDataset reads the same shards
+    wds_samples = list(wds.WebDataset(str(val_shard), shardshuffle=False).decode("pil"))
+    assert [(w["__key__"], w["json"]) for w in wds_samples] == [(s.key, s.meta) for s in only_val]
+    assert np.array_equal(np.asarray(wds_samples[0]["png"]), np.asarray(only_val[0].images["png"]))
     raw = next(iter(read_samples(tmp_path / "t2i", decode=False)))
     assert isinstance(raw.images["png"], bytes) and raw.images["png"][:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -171,10 +181,14 @@ BAD_CASES = {
     "missing_json": ([("bad.png", _png(_img(5)))], "sample 'bad': no 'json' member"),
     "missing_image": ([("bad.json", json.dumps(_t2i(5).meta).encode())], "sample 'bad': missing required image"),
     "invalid_json": ([("bad.json", b"{not json"), ("bad.png", _png(_img(5)))], "sample 'bad': invalid JSON"),
-    "wrong_size": ([("bad.json", json.dumps(_t2i(5).meta).encode()), ("bad.png", _png(_img(5, (RES + 4, RES))))],
-                   "sample 'bad': image 'png' is 20x16, expected 16x16"),
-    "undecodable_image": ([("bad.json", json.dumps(_t2i(5).meta).encode()), ("bad.png", _corrupt_png())],
-                          "sample 'bad': image 'png' does not decode"),
+    "wrong_size": (
+        [("bad.json", json.dumps(_t2i(5).meta).encode()), ("bad.png", _png(_img(5, (RES + 4, RES))))],
+        "sample 'bad': image 'png' is 20x16, expected 16x16",
+    ),
+    "undecodable_image": (
+        [("bad.json", json.dumps(_t2i(5).meta).encode()), ("bad.png", _corrupt_png())],
+        "sample 'bad': image 'png' does not decode",
+    ),
 }
 
 
@@ -231,23 +245,3 @@ def test_list_shards_errors_and_task_mismatch(tmp_path: Path) -> None:
     (tmp_path / "t2i" / "train-000000.tar").rename(tmp_path / "edit" / "train-000000.tar")
     with pytest.raises(ShardError, match="meta task 't2i' != expected task 'edit'"):
         list(read_samples(tmp_path / "edit"))
-
-
-def test_metadata_table(tmp_path: Path) -> None:
-    triples = _triples(4)
-    triples.append(("txt_0", "train", Record("t2i", {}, {"task": "t2i", "tag": "colors", "prompt": "text only"})))
-    triples.append(("odd_0", "val", Record("t2i", {"png": _img(9), "tgt.png": _img(9, (8, 8))},
-                                           {"task": "t2i", "tag": "colors", "prompt": "two sizes"})))
-    write_shards(triples, tmp_path, "t2i")
-    df = metadata_table(tmp_path, "t2i").set_index("key")
-    assert list(df.reset_index().columns) == list(shards.TABLE_COLUMNS) and len(df) == 6
-    row = df.loc["t2i_0002"]
-    assert (row.task, row.split, row.tag, row.shard) == ("t2i", "val", "counting", "t2i/val-000000.tar")
-    assert (row.n_include, row.classes, row.max_count, row.min_count) == (2, "circle,square", 2, 1)
-    assert (row.width, row.height, row.n_images, bool(row.sizes_agree)) == (RES, RES, 1, True)
-    assert row.prompt == triples[2][2].meta["prompt"] and row.scene_id == shards.scene_id({"scene": {"i": 2}})
-    txt = df.loc["txt_0"]
-    assert txt.n_images == 0 and txt.classes == "" and txt.n_include == 0
-    assert pd.isna(txt.width) and pd.isna(txt.height) and pd.isna(txt.max_count) and pd.isna(txt.sizes_agree)
-    odd = df.loc["odd_0"]
-    assert (odd.width, odd.height, odd.n_images) == (RES, RES, 2) and not odd.sizes_agree  # main image is "png"

@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
 from unirl.data.shards import Record, write_shards
 from unirl.data.validate import (
+    TABLE_COLUMNS,
     ValidationError,
     ValidationSpec,
     make_context,
+    metadata_table,
     raise_on_failure,
     validate_all,
     validate_shards,
+    validate_table,
 )
 
 RES = 16
@@ -31,14 +36,24 @@ def context():
     return make_context()
 
 
-def _record(i: int, tag: str | None = None, count: int = 2, cls: str = "circle", size: int = RES,
-            prompt: str | None = None, images: bool = True) -> Record:
+def _record(
+    i: int,
+    tag: str | None = None,
+    count: int = 2,
+    cls: str = "circle",
+    size: int = RES,
+    prompt: str | None = None,
+    images: bool = True,
+) -> Record:
     tag = tag or TAGS[i % len(TAGS)]
     prompt = f"a photo of {count} {cls}s number {i}" if prompt is None else prompt
     md = {"tag": tag, "include": [{"class": cls, "count": count}, {"class": "square", "count": 1}], "prompt": prompt}
     img = Image.fromarray(np.full((size, size, 3), i % 255, dtype=np.uint8))  # (H, W, 3)
-    return Record("t2i", {"png": img} if images else {}, {"task": "t2i", "tag": tag, "prompt": prompt,
-                                                          "resolution": RES, "metadata": md})
+    return Record(
+        "t2i",
+        {"png": img} if images else {},
+        {"task": "t2i", "tag": tag, "prompt": prompt, "resolution": RES, "metadata": md},
+    )
 
 
 def _write(root: Path, overrides: dict[int, dict[str, Any]] | None = None, n: int = 12, task: str = "t2i"):
@@ -55,14 +70,46 @@ def _validate(root: Path, context, task: str = "t2i", **kw):
     return validate_shards(root, task, context=context, **args)
 
 
+def test_metadata_table(tmp_path: Path) -> None:
+    triples = [(f"t2i_{i:03d}", SPLITS[i % 4], _record(i, count=i + 1)) for i in range(4)]
+    triples[2][2].meta["scene"] = {"objects": [["circle", "red", 0.5, 0.5]]}
+    triples.append(("txt_0", "train", Record("t2i", {}, {"task": "t2i", "tag": "colors", "prompt": "text only"})))
+    two_sizes = {"png": Image.new("RGB", (RES, RES)), "tgt.png": Image.new("RGB", (8, 8))}
+    triples.append(("odd_0", "val", Record("t2i", two_sizes, {"task": "t2i", "tag": "colors", "prompt": "two"})))
+    write_shards(triples, tmp_path, "t2i")
+    df = metadata_table(tmp_path, "t2i").set_index("key")
+    assert list(df.reset_index().columns) == list(TABLE_COLUMNS) and len(df) == 6
+    row = df.loc["t2i_002"]
+    assert (row.task, row.split, row.tag, row.shard) == ("t2i", "val", "position", "t2i/val-000000.tar")
+    assert (row.n_include, row.classes, row.max_count, row.min_count) == (2, "circle,square", 3, 1)
+    assert (row.width, row.height, row.n_images, bool(row.sizes_agree)) == (RES, RES, 1, True)
+    assert row.prompt == "a photo of 3 circles number 2"
+    assert row.scene_id == hashlib.sha1(b'{"objects": [["circle", "red", 0.5, 0.5]]}').hexdigest()[:16]
+    assert pd.isna(df.loc["t2i_001"].scene_id)
+    txt = df.loc["txt_0"]
+    assert txt.n_images == 0 and txt.classes == "" and txt.n_include == 0
+    assert pd.isna(txt.width) and pd.isna(txt.height) and pd.isna(txt.max_count) and pd.isna(txt.sizes_agree)
+    odd = df.loc["odd_0"]
+    assert (odd.width, odd.height, odd.n_images) == (RES, RES, 2) and not odd.sizes_agree  # main image is "png"
+
+
 def test_good_data_passes(tmp_path: Path, context) -> None:
     _write(tmp_path)
     report = _validate(tmp_path, context, report_path=tmp_path / "reports" / "t2i.json")
     assert report.success, report.summary
     assert report.n_rows == 12 and report.failed == [] and report.summary.endswith(": OK")
     names = {r.name for r in report.results}
-    assert {"prompt_not_empty", "tag_known", "class_known", "max_count_in_range", "width_is_resolution",
-            "key_unique", "splits_disjoint_by_prompt", "tag_balance", "image_present"} <= names
+    assert {
+        "prompt_not_empty",
+        "tag_known",
+        "class_known",
+        "max_count_in_range",
+        "width_is_resolution",
+        "key_unique",
+        "splits_disjoint_by_prompt",
+        "tag_balance",
+        "image_present",
+    } <= names
     assert report.evaluated == len(report.results) == len(names)
     saved = json.loads((tmp_path / "reports" / "t2i.json").read_text())
     assert saved["success"] is True and saved["n_rows"] == 12 and len(saved["results"]) == report.evaluated
@@ -79,11 +126,17 @@ PLANTED = {
     "wrong size": ({7: {"size": RES * 2}}, {"width_is_resolution", "height_is_resolution"}, ["t2i_007"]),
     "text-only in t2i": ({8: {"images": False}}, {"image_present"}, ["t2i_008"]),
     # samples 0 (train) and 2 (val) share a prompt
-    "prompt in two splits": ({2: {"prompt": "a photo of 2 circles number 0"}}, {"splits_disjoint_by_prompt"},
-                             ["t2i_000", "t2i_002"]),
+    "prompt in two splits": (
+        {2: {"prompt": "a photo of 2 circles number 0"}},
+        {"splits_disjoint_by_prompt"},
+        ["t2i_000", "t2i_002"],
+    ),
     # 10 of 12 samples tagged "counting": ratios 2.5, 0.25, 0.25 vs tolerance 0.5
-    "unbalanced tags": ({i: {"tag": "counting"} for i in range(12) if i not in (1, 2)}, {"tag_balance"},
-                        ["colors", "counting", "position"]),
+    "unbalanced tags": (
+        {i: {"tag": "counting"} for i in range(12) if i not in (1, 2)},
+        {"tag_balance"},
+        ["colors", "counting", "position"],
+    ),
 }
 
 
@@ -145,8 +198,9 @@ def test_validate_all_writes_combined_report(tmp_path: Path, context) -> None:
     _write(tmp_path / "shards")
     _write(tmp_path / "shards", {1: {"tag": "mystery"}}, task="reflect")
     spec = ValidationSpec(resolution=RES, allowed_tags=TAGS, allowed_classes=CLASSES)
-    reports = validate_all(tmp_path / "shards", {"t2i": spec, "reflect": spec}, report_path=tmp_path / "report.json",
-                           context=context)
+    reports = validate_all(
+        tmp_path / "shards", {"t2i": spec, "reflect": spec}, report_path=tmp_path / "report.json", context=context
+    )
     assert reports["t2i"].success and reports["reflect"].failed == ["tag_known"]
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["success"] is False and saved["tasks"]["reflect"]["failed"] == ["tag_known"]
@@ -155,9 +209,6 @@ def test_validate_all_writes_combined_report(tmp_path: Path, context) -> None:
 
 
 def test_erroring_expectation_is_a_failure_not_a_crash(tmp_path: Path, context) -> None:
-    from unirl.data.shards import metadata_table
-    from unirl.data.validate import validate_table
-
     _write(tmp_path)
     df = metadata_table(tmp_path, "t2i").drop(columns=["classes"])
     report = validate_table(df, "t2i", ValidationSpec(RES, TAGS, CLASSES), context=context)

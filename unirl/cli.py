@@ -37,12 +37,16 @@ class Stage:
 
 STAGES: dict[str, Stage] = {
     "curate": Stage("unirl.data.curate:CurateConfig", "curate", "unirl.data.curate:run_cli", "render the task shards"),
+    "import-data": Stage(
+        "unirl.data.curate:CurateConfig", "curate", "unirl.data.curate:run_import",
+        "import image-caption tars / editing parquet files from disk into the shard schema",
+    ),
     "validate": Stage(
         "unirl.data.validation_stage:ValidateConfig", "validate", "unirl.data.validation_stage:run_validate",
         "validate every shard set with its Great Expectations suite",
     ),
 }
-PIPELINE: tuple[str, ...] = tuple(STAGES)
+PIPELINE: tuple[str, ...] = tuple(s for s in STAGES if s != "import-data")
 
 
 def _load(path: str) -> Any:
@@ -60,9 +64,11 @@ def _parse_sets(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def run_stage(name: str, params: str | None = None, overrides: dict[str, Any] | None = None, **kwargs: Any) -> Any:
-    """Load stage ``name``'s config from params (+ overrides) and run it; returns the runner's summary."""
-    stage = STAGES[name]
+def run_stage(
+    stage_name: str, params: str | None = None, overrides: dict[str, Any] | None = None, **kwargs: Any
+) -> Any:
+    """Load stage ``stage_name``'s config from params (+ overrides) and run it; returns the runner's summary."""
+    stage = STAGES[stage_name]
     cfg = load_config(_load(stage.config), stage.section, params, overrides)
     runner: Callable[..., Any] = _load(stage.runner)
     return runner(cfg, **kwargs)
@@ -78,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--show-config", action="store_true", help="print the resolved config and its help, then exit")
         if name == "curate":
             p.add_argument("--task", action="append", default=None, help="curate only this task (repeatable)")
+        if name == "import-data":
+            p.add_argument("--captions", nargs="+", default=None, help="image-caption WebDataset tars or folders")
+            p.add_argument("--edits", nargs="+", default=None, help="editing parquet files")
+            p.add_argument("--name", default="imported", help="shard sets <out_dir>/<name>_t2i and <name>_edit")
     sub.add_parser("pipeline", help="run every stage in order: " + " -> ".join(PIPELINE))
     return parser
 
@@ -98,7 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         for key, value in vars(cfg).items():
             print(f"{key} = {value!r}    # {helps.get(key, '')}")
         return 0
-    kwargs = {"tasks": args.task} if args.command == "curate" and args.task else {}
+    kwargs: dict[str, Any] = {}
+    if args.command == "curate" and args.task:
+        kwargs = {"tasks": args.task}
+    elif args.command == "import-data":
+        kwargs = {"captions": args.captions, "edits": args.edits, "name": args.name}
     summary = run_stage(args.command, args.params, overrides, **kwargs)
     print(json.dumps(summary, indent=None, default=str))
     return 0

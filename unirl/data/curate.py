@@ -238,3 +238,40 @@ def run_cli(cfg: CurateConfig, tasks: list[str] | None = None) -> dict[str, Any]
         return {t: curate_task(cfg, t)["splits"] for t in tasks}
     manifest = curate(cfg)
     return {t: m["splits"] for t, m in manifest["tasks"].items()} | {"corpus_lines": manifest["corpus"]["lines"]}
+
+
+def import_datasets(
+    cfg: CurateConfig, captions: list[str] | None = None, edits: list[str] | None = None, name: str = "imported"
+) -> dict[str, Any]:
+    """Import real datasets on disk into the shard schema: ``<out_dir>/<name>_t2i`` and ``<out_dir>/<name>_edit``.
+
+    ``captions``: image-caption WebDataset tars (or folders of them); ``edits``: editing parquet files. Splits are
+    assigned by prompt (caption / instruction) exactly as for the Shapes world. Nothing is fetched from a hub.
+    """
+    from unirl.data.importers import import_caption_tars, import_edit_parquet
+
+    out: dict[str, Any] = {}
+    for kind, paths, reader in (("t2i", captions, import_caption_tars), ("edit", edits, import_edit_parquet)):
+        if not paths:
+            continue
+        records = list(tqdm(reader(paths, cfg.resolution), desc=f"import {kind}", unit="sample"))
+        split_of = assign_splits({"": [r.meta["prompt"] for r in records]}, cfg.split_fractions, cfg.seed, name)
+        counters: Counter = Counter()
+
+        def keyed(records=records, split_of=split_of, counters=counters):
+            for r in records:
+                split = r.meta["split"] = split_of[r.meta["prompt"]]
+                yield f"{name}_{split}_{counters[split]:06d}", split, r
+                counters[split] += 1
+
+        out[f"{name}_{kind}"] = write_shards(keyed(), cfg.out_dir, f"{name}_{kind}", maxcount=cfg.shard_maxcount)
+        write_manifest(Path(cfg.out_dir) / f"{name}_{kind}" / "manifest.json", out[f"{name}_{kind}"])
+    if not out:
+        raise ValueError("nothing to import: pass --captions PATH... and/or --edits PATH...")
+    return out
+
+
+def run_import(cfg: CurateConfig, captions: list[str] | None = None, edits: list[str] | None = None,
+               name: str = "imported") -> dict[str, Any]:
+    """``unirl import-data``: import and return the split counts per imported set."""
+    return {k: m["splits"] for k, m in import_datasets(cfg, captions, edits, name).items()}

@@ -44,7 +44,10 @@ SPLIT_RE = re.compile(r"^[a-z0-9_]+$")
 SHARD_RE = re.compile(r"^(?P<split>[a-z0-9_]+)-(?P<index>\d{6})\.tar$")
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 # Image extensions each task's samples must carry (others: images optional). Override with ``required_images``.
-REQUIRED_IMAGES: dict[str, tuple[str, ...]] = {"t2i": ("png",), "edit": ("src.png", "tgt.png"), "reflect": ("png",)}
+REQUIRED_IMAGES: dict[str, tuple[str, ...]] = {
+    "t2i": ("png",), "t2i_cot": ("png",), "prompt_refine": ("png",), "reflect": ("png",),
+    "edit": ("src.png", "tgt.png"),
+}
 FIXED_MTIME = 0.0
 
 
@@ -364,8 +367,8 @@ def _as_size(resolution: int | tuple[int, int] | None) -> tuple[int, int] | None
 class ShardReader:
     """Iterate the samples of a shard set with checks; ``stats`` describes the last (or running) pass.
 
-    ``source`` is a task directory (its shards of ``split``, or all splits when ``split`` is None) or a list of
-    shard files. ``task`` (default: the directory name) is checked against each sample's ``meta["task"]`` and
+    ``source`` is a task directory (its shards of ``split``, or all splits when ``split`` is None), a shard file
+    or a list of them. ``task`` (default: the directory name) is checked against each sample's ``meta["task"]`` and
     selects the required image extensions (:data:`REQUIRED_IMAGES`, or ``required_images``). ``resolution``
     (side, or (width, height)) is checked for every image. With ``decode=False`` images stay PNG bytes and
     only their headers are checked.
@@ -385,14 +388,15 @@ class ShardReader:
     ) -> None:
         if not 0.0 <= max_bad_fraction < 1.0:
             raise ValueError(f"max_bad_fraction must be in [0, 1), got {max_bad_fraction}")
-        if isinstance(source, str | os.PathLike):
+        if isinstance(source, str | os.PathLike) and Path(source).is_dir():
             d = Path(source)
-            if not d.is_dir():
-                raise FileNotFoundError(f"shard directory {d} does not exist: run `unirl curate` first")
             self.shards = list_shards(d.parent, d.name, split)
             task = task or d.name
         else:
-            self.shards = [Path(p) for p in source]
+            self.shards = [Path(p) for p in ([source] if isinstance(source, str | os.PathLike) else source)]
+            missing = [p for p in self.shards if not p.is_file()]
+            if missing:
+                raise FileNotFoundError(f"shard file(s) {missing[:3]} do not exist: run `unirl curate` first")
             if split is not None:
                 self.shards = [p for p in self.shards if split_of(p) == split]
             if not self.shards:

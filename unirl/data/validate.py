@@ -140,9 +140,12 @@ def _main_image(exts: Sequence[str]) -> str | None:
 
 
 def scene_id(meta: dict[str, Any]) -> str | None:
-    """A short hash of ``meta["scene"]`` (canonical JSON), or None when the sample has no scene."""
+    """A short hash of ``meta["scene"]`` (canonical JSON), or None when the sample has no scene.
+
+    An empty canvas (a reflection case whose only object is missing) is no scene identity: None too.
+    """
     scene = meta.get("scene")
-    if scene is None:
+    if scene is None or not scene.get("objects"):
         return None
     return hashlib.sha1(json.dumps(scene, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -151,8 +154,9 @@ def metadata_table(root: str | os.PathLike, task: str) -> pd.DataFrame:
     """One row per sample of ``task`` (all splits): JSON fields plus image sizes read from the image headers only.
 
     ``classes`` joins the include classes with ``,``; ``max_count``/``min_count`` are over include clauses
-    (null when there are none); ``width``/``height`` are the main image's (``png``, else ``tgt.png``, else the
-    first), null for text-only samples; ``sizes_agree`` says whether all images of the sample share that size.
+    (null when there are none); ``width``/``height`` are the main image's (the first of ``png``, ``jpg``,
+    ``jpeg``, ``tgt.png``, else the first by name), null for text-only samples; ``sizes_agree`` says whether all
+    images of the sample share one size.
     Raises :class:`ShardError` (file and key named) on unreadable shards, missing or invalid JSON.
     """
     rows: list[dict[str, Any]] = []

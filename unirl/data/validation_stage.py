@@ -36,6 +36,7 @@ def validate_task(cfg: ValidateConfig, task: str) -> ValidationReport:
         allowed_tags=set(task_lib.TAGS[task]),
         allowed_classes=set(shapes.SHAPES),
         tag_balance_tolerance=cfg.tag_balance_tolerance,
+        disjoint_by=("prompt", "scene_id"),
     )
 
 

@@ -2,20 +2,22 @@
 
 Detector (:class:`ShapesDetector`, :func:`detect`), no learned weights:
 
-1. Background = per-channel median of a 2-px image border (not assumed white); noise level = RMS of the border's
-   deviation from it. When that exceeds ``denoise_sigma`` the image is 3x3 median-filtered first.
-2. Foreground = pixels whose RGB distance to the background exceeds ``max(fg_threshold, 4·sqrt(3)·sigma)``;
-   4-connected blobs (``scipy.ndimage.label``) smaller than ``min_area_frac`` of the canvas are noise.
-3. Each foreground pixel gets a hue family (HSV hue bins: red, orange, yellow, green, blue, purple) when its chroma
-   is high enough. A blob holding several *significant* families (>= 12 % of its chromatic pixels and >= the
-   area floor) is split: every pixel goes to the nearest pixel of a significant family, so touching objects of
-   different colours are separate detections while blur fringes and noise specks are not.
-4. Each part is cut at half its own contrast (distance >= 0.5 x its 90th-percentile distance), which puts the
-   outline of a blurred object back where it was drawn, and its holes are filled.
-5. Shape = nearest prototype in (fill ratio of the box, mass imbalance about the box centre): circle (pi/4, 0),
-   square (1, 0), triangle (1/2, 1/2). Colour = :func:`classify_color` of the part's median RGB, in HSV: hue bins
-   for the six chromatic names, plus pink (light red), brown (dark orange), black / white / gray (achromatic).
-   Hue is invariant to mixing with a neutral background, so blurred edges keep their name.
+1. Background = per-channel median of a 2-px image border (not assumed white); noise = RMS deviation of the border
+   pixels near it. Above ``denoise_sigma`` the image is Gaussian-smoothed (sigma 1 px; linear, so mass is kept).
+2. Foreground = RGB distance to the background > ``max(fg_threshold, 4·sqrt(3)·noise)``; 4-connected blobs
+   (``scipy.ndimage.label``) under ``min_area_frac`` of the canvas are dropped as noise.
+3. Foreground pixels with enough chroma get a hue family (HSV hue bins: red, orange, yellow, green, blue,
+   purple). A blob with several *significant* families (>= 12 % of its chromatic pixels and >= the area floor) is
+   split, each pixel going to the nearest significant-family pixel: touching objects of different colours become
+   separate detections, blur fringes and noise specks do not.
+4. Each part is cut at half its own contrast (puts a blurred outline back where it was drawn; holes filled).
+   Colour = :func:`classify_color` of the median RGB of its high-contrast core: HSV hue bins for the six chromatic
+   names, pink (light red), brown (dark orange), black / white / gray (achromatic). Hue is unchanged by mixing
+   with a neutral background, so blurred edges keep their name.
+5. Shape from a soft mask (projection of each pixel on the object's colour, over the part grown by ~1 % of the
+   canvas, every pixel owned by its nearest part): ``skew`` (largest |skewness| over 8 directions; a symmetric
+   blur leaves third cumulants unchanged) > ``SKEW_THRESHOLD`` -> triangle, else ``fill`` (mass / (largest column
+   mass x largest row mass): square 1, disc pi/4) > ``FILL_THRESHOLD`` -> square, else circle.
 
 Scoring (:func:`evaluate`, :func:`score`) follows GenEval (djghosh13/geneval ``evaluate_images.py``) in its
 "strict" reward variant (Flow-GRPO's reward server, ``evaluate_reward``):
@@ -48,13 +50,12 @@ from scipy import ndimage
 
 from unirl.data.shapes import RELATIONS, SHAPES
 
-GENEVAL_COLORS: tuple[str, ...] = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
+GENEVAL_COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
 POSITION_THRESHOLD = 0.1
 _FAMILIES: tuple[str, ...] = ("red", "orange", "yellow", "green", "blue", "purple")
 # Upper hue bound (degrees) of each family; hues >= 330 wrap back to red.
 _HUE_EDGES = np.array([20.0, 45.0, 72.0, 165.0, 255.0, 330.0])
 _HUE_FAMILY = np.array([0, 1, 2, 3, 4, 5, 0], dtype=np.int8)
-# Shape prototypes in (fill ratio of the bounding box, mass imbalance about the box centre).
 # Decision thresholds on (fill, skew), midway between the shapes' values measured on blurred and noisy renders.
 FILL_THRESHOLD = 0.91
 SKEW_THRESHOLD = 0.17
@@ -122,13 +123,17 @@ def shape_features(alpha: np.ndarray) -> tuple[float, float]:
     skew = the largest |skewness| of the mass along 8 directions: about 0.57 for a triangle, 0 for the symmetric
     shapes (third cumulants are unchanged by a symmetric blur).
     """
-    mass = float(alpha.sum())
+    mass = max(float(alpha.sum()), 1e-6)
     fill = mass / max(float(alpha.sum(0).max() * alpha.sum(1).max()), 1e-6)
-    ys, xs = np.mgrid[: alpha.shape[0], : alpha.shape[1]]  # (h, w) each
-    w = alpha.ravel() / mass
-    p = np.stack([xs.ravel() - w @ xs.ravel(), ys.ravel() - w @ ys.ravel()])  # (2, h*w) centred coordinates
-    u = _DIRECTIONS @ p  # (8, h*w) projections
-    m2, m3 = (u**2) @ w, (u**3) @ w
+    xs, ys = np.arange(alpha.shape[1], dtype=np.float64), np.arange(alpha.shape[0], dtype=np.float64)
+    xs -= alpha.sum(0) @ xs / mass
+    ys -= alpha.sum(1) @ ys / mass
+    # Central moments mu[p, q] = sum alpha * x^p * y^q / mass for p + q <= 3, then along each direction (c, s):
+    # m2 = sum_k C(2,k) c^(2-k) s^k mu[2-k, k], m3 likewise with order 3.
+    mu = np.stack([ys**q for q in range(4)]) @ alpha @ np.stack([xs**p for p in range(4)], axis=1) / mass  # (q, p)
+    c, s = _DIRECTIONS[:, 0], _DIRECTIONS[:, 1]
+    m2 = c**2 * mu[0, 2] + 2 * c * s * mu[1, 1] + s**2 * mu[2, 0]
+    m3 = c**3 * mu[0, 3] + 3 * c**2 * s * mu[1, 2] + 3 * c * s**2 * mu[2, 1] + s**3 * mu[3, 0]
     return fill, float(np.max(np.abs(m3) / np.maximum(m2, 1e-6) ** 1.5))
 
 
@@ -180,7 +185,7 @@ class ShapesDetector:
         if len(parts) > 1:  # every other pixel goes to the nearest part, so neighbours' blur fringes stay apart
             _, (iy, ix) = ndimage.distance_transform_edt(owner < 0, return_indices=True)
             owner = owner[iy, ix]
-        out = [d for k, (sl, part) in enumerate(parts) for d in self._objects(k, sl, part, owner, x, bg, dist, min_area)]
+        out = [d for k, (sl, p) in enumerate(parts) for d in self._objects(k, sl, p, owner, x, bg, dist, min_area)]
         return sorted(out, key=lambda d: (d.cls, -d.score, d.box))
 
     def _split(self, blob: np.ndarray, fam: np.ndarray, min_area: int) -> list[np.ndarray]:
@@ -217,17 +222,20 @@ class ShapesDetector:
             px, pd = x[y0:y1, x0:x1][m], dist[y0:y1, x0:x1][m]  # (n, 3), (n,)
             rgb = np.median(px[pd >= np.percentile(pd, 75)], axis=0)  # colour of the high-contrast core
             # Soft mass: projection on the object's colour over the mask grown by r px within the pixels nearest
-            # to this part (mass-preserving under blur, unbiased under zero-mean noise).
-            r = max(2, round(0.01 * max(H, W)))
+            # to this part (mass-preserving under blur, unbiased under zero-mean noise); r shrinks near the
+            # canvas edge so the fringe is cut symmetrically (a one-sided cut fakes skew).
+            r = min(max(2, round(0.01 * max(H, W))), y0, x0, H - y1, W - x1)
             wy, wx = slice(max(y0 - r, 0), min(y1 + r, H)), slice(max(x0 - r, 0), min(x1 + r, W))
             grown = np.zeros((wy.stop - wy.start, wx.stop - wx.start), dtype=bool)
             grown[y0 - wy.start : y1 - wy.start, x0 - wx.start : x1 - wx.start] = m
-            grown = ndimage.binary_dilation(grown, np.ones((3, 3), bool), iterations=r)
+            if r > 0:
+                grown = ndimage.binary_dilation(grown, np.ones((3, 3), bool), iterations=r)
             grown &= owner[wy, wx] == k
             c = (rgb - bg) / max(float(np.linalg.norm(rgb - bg)), 1.0)  # unit direction of the object's colour
             proj = np.where(grown, (x[wy, wx] - bg) @ c, 0.0)  # (h, w)
             inner = grown & np.pad(m, ((y0 - wy.start, wy.stop - y1), (x0 - wx.start, wx.stop - x1)))
-            alpha = proj / max(float(np.percentile(proj[inner], 95)), 1.0)  # 1 on the object's plateau
+            plateau = float(np.percentile(proj[inner], 95)) if inner.any() else 1.0
+            alpha = proj / max(plateau, 1.0)  # (h, w), 1 on the object's plateau
             shape, conf = classify_shape(*shape_features(alpha))
             yield Detection(shape, classify_color(rgb, self.chroma_threshold), (x0, y0, x1, y1), area, round(conf, 4))
 
@@ -235,7 +243,8 @@ class ShapesDetector:
 def _background(x: np.ndarray, outlier: float = 60.0) -> tuple[np.ndarray, float]:
     """Background colour (median of a 2-px border) and noise level (RMS deviation of the border pixels within
     ``outlier`` RGB distance of it, so objects touching the border do not count as noise)."""
-    border = np.concatenate([x[:2].reshape(-1, 3), x[-2:].reshape(-1, 3), x[:, :2].reshape(-1, 3), x[:, -2:].reshape(-1, 3)])
+    border = np.concatenate([x[:2], x[-2:], x[:, :2].transpose(1, 0, 2), x[:, -2:].transpose(1, 0, 2)], axis=1)
+    border = border.reshape(-1, 3)  # (N, 3)
     bg = np.median(border, axis=0)
     dev = border - bg  # (N, 3)
     keep = np.linalg.norm(dev, axis=1) < outlier
@@ -309,7 +318,8 @@ def evaluate(
     if classes is not None:
         unknown = sorted({c["class"] for c in md["include"] + md.get("exclude", [])} - set(classes))
         if unknown:
-            reasons.append(f"class {', '.join(map(repr, unknown))} unknown to this detector (knows {', '.join(classes)})")
+            names = ", ".join(map(repr, unknown))
+            reasons.append(f"class {names} unknown to this detector (it knows {', '.join(classes)})")
     terms: list[float] = []
     groups: list[list[Detection] | None] = []
     for req in md["include"]:
@@ -336,7 +346,8 @@ def evaluate(
                     reasons.append(f"no target for {cls} to be {rel}")
                     terms.append(0.0)
                 else:
-                    bad = next(((a, b) for a in found for b in groups[target] if rel not in relative_position(a, b)), None)
+                    pairs = ((a, b) for a in found for b in groups[target])
+                    bad = next(((a, b) for a, b in pairs if rel not in relative_position(a, b)), None)
                     terms.append(1.0 if bad is None else 0.0)
                     if bad is not None:
                         matched = False

@@ -25,7 +25,7 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from unirl.models.config import ModelConfig
 from unirl.models.tokenizer import load_tokenizer, replace_dir
-from unirl.models.unified import DTYPES, UnifiedModel
+from unirl.models.unified import DTYPES, UnifiedModel, cast_parameters
 
 FORMAT = "unirl-unified-model"
 VERSION = 1
@@ -108,7 +108,7 @@ def load_pretrained(path: str | os.PathLike, device: torch.device | str | None =
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{p / CONFIG_FILE} does not describe a buildable model ({e}); {_fix(p)}") from e
     tok = load_tokenizer(p / TOKENIZER_DIR) if (p / TOKENIZER_DIR).is_dir() else None
-    model = UnifiedModel(config, lm, dit, vae, tok).to(DTYPES[config.dtype])
+    model = cast_parameters(UnifiedModel(config, lm, dit, vae, tok), DTYPES[config.dtype])
     try:
         missing, unexpected = load_model(model, str(weights), strict=False)
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:

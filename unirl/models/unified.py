@@ -158,7 +158,7 @@ class UnifiedModel(nn.Module):
             vae = AutoencoderDC.from_pretrained(_existing(config.vae.path, "vae.path"))
         elif config.vae.config:
             vae = AutoencoderDC(**config.vae.config)
-        return cls(config, lm, dit, vae, tokenizer).to(dtype)
+        return cast_parameters(cls(config, lm, dit, vae, tokenizer), dtype)
 
     @classmethod
     def from_pretrained(cls, path: Any, device: torch.device | str | None = None) -> UnifiedModel:
@@ -396,11 +396,19 @@ def lm_config(kwargs: dict, special: SpecialTokens | None,
     text = dict(kw.pop("text_config", {}))
     vision = dict(kw.pop("vision_config", {}))
     if special is not None:
-        text.update(vocab_size=max(len(tokenizer), text.get("vocab_size", 0) if "vocab_size" in text else 0),
-                    eos_token_id=special.eos, pad_token_id=special.pad, bos_token_id=None)
+        text.update(vocab_size=max(len(tokenizer), text.get("vocab_size", 0)), eos_token_id=special.eos,
+                    pad_token_id=special.pad, bos_token_id=None)
         kw.update(image_token_id=special.image_pad, video_token_id=special.video_pad,
                   vision_start_token_id=special.vision_start, vision_end_token_id=special.vision_end)
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **kw)
+
+
+def cast_parameters(model: UnifiedModel, dtype: torch.dtype) -> UnifiedModel:
+    """Cast parameters (not buffers: rotary frequencies and position tables stay float32) to ``dtype``."""
+    for p in model.parameters():
+        if p.dtype != dtype:
+            p.data = p.data.to(dtype)
+    return model
 
 
 def _existing(path: str, key: str) -> str:

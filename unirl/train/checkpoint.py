@@ -323,9 +323,10 @@ def load_checkpoint(path: str | os.PathLike, verify: bool = True) -> Checkpoint:
         raise CheckpointError(f"{path / INDEX} is not a {FORMAT} v{VERSION} index: {advice}")
     tensors: dict[str, dict[str, torch.Tensor]] = {}
     for name in (MODEL_FILE, STATE_FILE):
+        if not (path / name).exists():
+            raise CheckpointError(f"{path / name} is missing: {advice}")
+    for name in (MODEL_FILE, STATE_FILE):
         f = path / name
-        if not f.exists():
-            raise CheckpointError(f"{f} is missing: {advice}")
         if verify and _sha256(f) != index["files"][name]["sha256"]:
             raise CheckpointError(
                 f"{f} is corrupt (sha256 differs from {INDEX}; "

@@ -36,8 +36,9 @@ def _randn(shape: Sequence[int], generator: torch.Generator | None, like: torch.
     return torch.randn(tuple(shape), generator=generator, device=dev).to(like.device, like.dtype)
 
 
-def dropout_masks(r: torch.Tensor, drop_text: float, drop_ref: float,
-                  drop_both: float) -> tuple[torch.Tensor, torch.Tensor]:
+def dropout_masks(
+    r: torch.Tensor, drop_text: float, drop_ref: float, drop_both: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep-masks (text, ref), each (B,) float, from uniforms ``r`` (B,) split into the three dropout bands."""
     text_band = r < drop_text
     ref_band = (r >= drop_text) & (r < drop_text + drop_ref)
@@ -75,8 +76,12 @@ def flow_matching_loss(
     return F.mse_loss(pred.float(), (eps - latents).float())
 
 
-def lm_loss(model: UnifiedModel, prompts: Sequence[str], responses: Sequence[str],
-            images: Sequence[Image.Image | None] | None = None) -> torch.Tensor:
+def lm_loss(
+    model: UnifiedModel,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    images: Sequence[Image.Image | None] | None = None,
+) -> torch.Tensor:
     """Cross-entropy of ``responses`` given chat-templated ``prompts`` (+ images); prompt tokens masked."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
