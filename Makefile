@@ -31,6 +31,7 @@ demo: setup pipeline
 pipeline: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
 	@echo
+	@test -f data/eval/table.md && cat data/eval/table.md || true
 	@echo "Done. Browse the assets:  make ui         (Dagster, http://127.0.0.1:3000)"
 	@echo "      Runs and models:    make mlflow-ui  (MLflow,  http://127.0.0.1:5000)"
 	@echo "      Metrics:            .venv/bin/dvc metrics show"

@@ -19,9 +19,8 @@ from unirl.data.curate import CurateConfig, curate, curate_task
 
 
 def measure(resolution: int, per_tag: int, tmp: Path) -> dict[str, float]:
-    cfg = CurateConfig(
-        out_dir=str(tmp / f"r{resolution}"), resolution=resolution, samples_per_tag={t: per_tag for t in task_lib.TASKS}
-    )
+    per_task = {t: per_tag for t in task_lib.TASKS}
+    cfg = CurateConfig(out_dir=str(tmp / f"r{resolution}"), resolution=resolution, samples_per_tag=per_task)
     n = 0
     start = time.perf_counter()
     for task in task_lib.TASKS:

@@ -5,7 +5,7 @@ Trains :func:`toy_model` with :func:`unirl.train.build_engine` on per-(step, ran
 ``<out>/final.safetensors`` (the trained parameters). With ``--stochastic`` each step also draws from the global
 torch, NumPy and Python RNGs (input noise, dropout, a loss scale), so an exact resume needs their saved states.
 With ``--hang-after K`` the worker writes ``<out>/ready`` after saving the step-K checkpoint and then sleeps
-until the test kills it.
+until the test kills it; with ``--stop-after K`` it exits there.
 """
 
 from __future__ import annotations
@@ -86,9 +86,9 @@ def toy_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, stochastic: boo
     return (model(x) - y).pow(2).mean()
 
 
-def param_digest(model: nn.Module) -> str:
+def param_digest(state: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
+    for name, p in sorted(state.items()):
         h.update(name.encode())
         h.update(p.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--save-every", type=int, default=0)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--hang-after", type=int, default=0)
+    ap.add_argument("--stop-after", type=int, default=0, help="exit cleanly after the checkpoint of this step")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(1234)
@@ -142,9 +143,11 @@ def main(argv: list[str] | None = None) -> None:
             if args.hang_after == step + 1:
                 Path(args.out, "ready").write_text(str(step + 1))
                 time.sleep(600)
+            if args.stop_after == step + 1:
+                return
     out = Path(args.out)
     state = engine.model_state_dict()
-    model_digest = param_digest(engine.module)
+    model_digest = param_digest(state)  # the gathered state: ZeRO-3 partitions the module's own parameters
     record = {
         "rank": rank,
         "world_size": engine.info.world_size,

@@ -8,9 +8,9 @@ import sys
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import ROOT
 from test_importers import _caption_tar, _edit_table
 
-from conftest import ROOT
 from unirl.cli import main
 from unirl.data.shards import read_samples
 

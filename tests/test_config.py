@@ -44,10 +44,10 @@ def test_missing_and_malformed_params_files(tmp_path):
 
 
 def test_project_params_load_into_every_stage_config():
+    from conftest import ROOT
+
     from unirl.data.curate import CurateConfig
     from unirl.data.validation_stage import ValidateConfig
-
-    from conftest import ROOT
 
     cur = load_config(CurateConfig, "curate", ROOT / "params.yaml")
     val = load_config(ValidateConfig, "validate", ROOT / "params.yaml")

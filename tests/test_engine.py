@@ -165,6 +165,7 @@ def _free_port() -> int:
 
 
 def _torchrun(tmp_path: Path, *args: str) -> list[dict]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable,
@@ -185,21 +186,27 @@ def _torchrun(tmp_path: Path, *args: str) -> list[dict]:
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    return [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["torch", "deepspeed"])
-def test_two_processes_end_identical_and_equal_the_averaged_gradient(tmp_path, backend):
+@pytest.mark.parametrize(("backend", "resume"), [("torch", False), ("deepspeed", False), ("torch", True)])
+def test_two_processes_end_identical_and_equal_the_averaged_gradient(tmp_path, backend, resume):
     """torchrun, 2 CPU processes (gloo), different data per rank, 3 steps of 2 accumulated micro-batches.
 
     Both ranks end with bit-identical parameters, and those equal one process training on both ranks' data
-    (mean over 2B samples) to 1e-6: gradients were averaged, not just kept in sync.
+    (mean over 2B samples) to 1e-6: gradients were averaged, not just kept in sync. With ``resume`` the job
+    stops after its step-1 checkpoint (written collectively, rank 0 only) and a second torchrun job resumes it.
     """
     steps, accum = 3, 2
-    records = _torchrun(
-        tmp_path, "--backend", backend, "--ds-config", "zero2", "--steps", str(steps), "--accum", str(accum)
-    )
+    args = ["--backend", backend, "--ds-config", "zero2", "--steps", str(steps), "--accum", str(accum)]
+    if resume:
+        ckpt = ["--ckpt", str(tmp_path / "ckpt"), "--save-every", "1"]
+        _torchrun(tmp_path / "first", *args, *ckpt, "--stop-after", "1")
+        assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["step-000001"]
+        args += [*ckpt, "--resume"]
+    records = _torchrun(tmp_path, *args)
+    assert [r["resumed_from"] for r in records] == ([1, 1] if resume else [None, None])
     assert [r["world_size"] for r in records] == [2, 2]
     assert records[0]["digest"] == records[1]["digest"]
     assert records[0]["optimizer_step"] == steps
@@ -221,3 +228,39 @@ def test_two_processes_end_identical_and_equal_the_averaged_gradient(tmp_path, b
         torch.testing.assert_close(final[k], v, rtol=0, atol=1e-6, msg=k)
         if k.startswith("body"):
             assert not torch.equal(final[k], init[k]), k
+
+
+def test_checkpoint_state_only_on_accumulation_boundary():
+    model = toy_model()
+    engine = build_engine(model, toy_groups(model), _cfg(grad_accum_steps=2))
+    x, y = toy_batch(0, 0)
+    engine.backward(toy_loss(model, x, y, False))
+    assert engine.step() is False
+    with pytest.raises(RuntimeError, match="after micro-batch 1 of 2: save right after a step"):
+        engine.state_dict_for_checkpoint()
+
+
+_INIT_SCRIPT = """
+import json, os, torch.distributed as dist
+from unirl.train.distributed import init_distributed, rank0_print
+alone = init_distributed()
+assert not dist.is_initialized()
+grouped = init_distributed(require_group=True)
+rank0_print(json.dumps({"alone": alone.__dict__, "grouped": grouped.__dict__, "world": dist.get_world_size(),
+                        "backend": dist.get_backend(), "port": os.environ["MASTER_PORT"]}))
+dist.destroy_process_group()
+"""
+
+
+def test_init_distributed_as_a_plain_process():
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
+    out = subprocess.run([sys.executable, "-c", _INIT_SCRIPT], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    single = {"rank": 0, "local_rank": 0, "world_size": 1, "is_main": True}
+    assert info["alone"] == single and info["grouped"] == single
+    assert info["world"] == 1 and info["backend"] == "gloo" and int(info["port"]) > 0

@@ -117,3 +117,17 @@ def test_lm_loss_ignores_the_prompt(model):
     assert batch.labels[:, -len(target) :].tolist() == [target, target]
     assert (batch.labels[:, : -len(target)] == -100).all()
     assert batch.input_ids[:, -len(target) :].tolist() == [target, target]
+
+
+def test_completion_logprobs_agree_with_lm_loss(model):
+    prompts = ["what colour is it?", "count the shapes please"]
+    responses = ["<think>it is red</think><answer>red</answer>", "two"]
+    ims = [images(1)[0], None]
+    completions = [model.inputs.response_ids(r) for r in responses]
+    with torch.no_grad():
+        logp, mask = model.completion_logprobs(prompts, completions, ims)
+        loss = lm_loss(model, prompts, responses, ims)
+    assert logp.shape == mask.shape == (2, max(len(c) for c in completions))
+    assert mask.sum(1).tolist() == [len(c) for c in completions]
+    assert (logp[mask == 0] == 0).all() and (logp[mask == 1] < 0).all()
+    assert (-(logp.sum() / mask.sum())).item() == pytest.approx(loss.item(), rel=1e-5)

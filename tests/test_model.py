@@ -348,3 +348,26 @@ def test_euler_sampler_is_exact_for_a_point_mass():
         x = sched.step(x, (x - x0) / sig[k], sig[k], sig[k + 1])
     assert torch.allclose(x, x0, atol=1e-5)
     assert torch.allclose(sched.add_noise(x0, x, torch.tensor([0.25, 0.25])), 0.75 * x0 + 0.25 * x)
+
+
+def test_softmax_self_attention_option_survives_save_load(tok, tmp_path):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    cfg = load_model_config("tiny")
+    cfg.dit_self_attention = "softmax"
+    torch.manual_seed(0)
+    soft = UnifiedModel.build(cfg, tok)
+    assert all(isinstance(b.attn1.processor, AttnProcessor2_0) for b in soft.dit.transformer_blocks)
+    soft.save_pretrained(tmp_path / "soft")
+    loaded = UnifiedModel.from_pretrained(tmp_path / "soft")
+    assert all(isinstance(b.attn1.processor, AttnProcessor2_0) for b in loaded.dit.transformer_blocks)
+    torch.manual_seed(0)
+    linear = UnifiedModel.build(load_model_config("tiny"), tok)
+    with torch.no_grad():
+        c = soft.encode(PROMPTS[:1])
+        x = torch.randn(1, *soft.latent_shape)
+        assert torch.equal(soft.velocity(x, torch.tensor(0.5), c), loaded.velocity(x, torch.tensor(0.5), c))
+        assert not torch.allclose(soft.velocity(x, torch.tensor(0.5), c), linear.velocity(x, torch.tensor(0.5), c))
+    cfg.dit_self_attention = "quadratic"
+    with pytest.raises(ValueError, match="dit_self_attention"):
+        UnifiedModel.build(cfg, tok)

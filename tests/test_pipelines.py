@@ -10,9 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, small_params
 
+MODEL_ASSETS = {"tokenizer", "sft_model", *(f"rl_{s}" for s in ("understand", "t2i", "t2i_cot", "edit",
+                                                                    "prompt_refine", "reflect"))}
 DATA_ASSETS = {f"shards_{t}" for t in ("t2i", "edit", "t2i_cot", "understand", "prompt_refine", "reflect")} | {
     "tokenizer_corpus",
     "geneval_prompts",
@@ -23,11 +24,12 @@ def test_definitions_hold_every_data_asset_and_blocking_check():
     from pipelines.definitions import defs
 
     keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
-    assert DATA_ASSETS <= keys
+    assert DATA_ASSETS | MODEL_ASSETS | {"eval_results", "registered_model"} <= keys
     checks = defs.resolve_asset_graph().asset_check_keys
     assert {c.asset_key.to_user_string() for c in checks if c.name == "gx_suite"} == {
         k for k in DATA_ASSETS if k.startswith("shards_")
     }
+    assert any(c.asset_key.to_user_string() == "eval_results" for c in checks)
 
 
 @pytest.mark.slow
@@ -39,8 +41,9 @@ def test_data_assets_and_checks_materialise_in_process(tmp_path):
     params = small_params(tmp_path)
     defs = build_definitions(str(params))
     job = defs.resolve_implicit_global_asset_job_def()
+    data_keys = list(dg.AssetSelection.groups("data").resolve(defs.resolve_asset_graph()))
     with dg.instance_for_test() as instance:
-        result = job.execute_in_process(instance=instance)
+        result = job.execute_in_process(instance=instance, asset_selection=data_keys)
     assert result.success
     mats = {m.asset_key.to_user_string(): m for m in result.get_asset_materialization_events()}
     assert DATA_ASSETS <= set(mats)
@@ -71,13 +74,13 @@ def test_dvc_repro_runs_stages_and_skips_them_when_nothing_changed(tmp_path):
     _run(["git", "init", "-q"], repo, env)
     _run([f"{bindir}/dvc", "init", "-q"], repo, env)
     _run([f"{bindir}/dvc", "config", "core.analytics", "false"], repo, env)
-    out = _run([f"{bindir}/dvc", "repro"], repo, env)
+    out = _run([f"{bindir}/dvc", "repro", "validate"], repo, env)
     assert "Running stage 'curate'" in out and "Running stage 'validate'" in out
     assert json.loads((repo / "data/validation/report.json").read_text())["success"] is True
     assert (repo / "dvc.lock").exists()
-    out = _run([f"{bindir}/dvc", "repro"], repo, env)
+    out = _run([f"{bindir}/dvc", "repro", "validate"], repo, env)
     assert "Running stage" not in out
     # Changing only the validate stage's parameter reruns validate, not curate.
     params.write_text(text.replace("tag_balance_tolerance: 1.0", "tag_balance_tolerance: 0.99"))
-    out = _run([f"{bindir}/dvc", "repro"], repo, env)
+    out = _run([f"{bindir}/dvc", "repro", "validate"], repo, env)
     assert "Running stage 'validate'" in out and "Running stage 'curate'" not in out

@@ -119,3 +119,17 @@ def test_retraining_replaces_the_directory_atomically(tmp_path):
 def test_vocab_size_too_small_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="vocab_size"):
         train_tokenizer(["abc"], tmp_path / "t", vocab_size=100)
+
+
+def test_build_tokenizer_stage(tmp_path):
+    from unirl.models.tokenizer import TokenizerConfig, build_tokenizer
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(builtin_corpus()) + "\n", encoding="utf-8")
+    cfg = TokenizerConfig(corpus=str(corpus), out_dir=str(tmp_path / "tok"), vocab_size=400, min_frequency=1)
+    metrics = build_tokenizer(cfg)
+    tok = load_tokenizer(tmp_path / "tok")
+    assert metrics["vocab_size"] == len(tok) and metrics["corpus_lines"] == len(builtin_corpus())
+    assert 1 <= metrics["tokens_per_line"] < 20  # whole words merged: far fewer tokens than bytes
+    with pytest.raises(FileNotFoundError, match="curate"):
+        build_tokenizer(TokenizerConfig(corpus=str(tmp_path / "missing.txt"), out_dir=str(tmp_path / "t2")))

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import inspect
+import math
 import re
 from pathlib import Path
 
 import matplotlib
-import mlflow
+import mlflow.pyfunc  # binds ``mlflow`` too
 import pytest
 import torch
 import yaml
@@ -100,7 +101,7 @@ def test_mlflow_tracker_logs_run_and_checkpoint_model(tmp_path, monkeypatch):
     try:
         for step, loss in enumerate([1.0, 0.5, 0.25]):
             tracker.log_metrics({"loss": loss, "lr/dit": 1e-3 * (step + 1), "grad_norm": torch.tensor(2.0)}, step)
-        tracker.log_metrics({"loss": float("nan")}, 3)
+        tracker.log_metrics({"grad_norm_or_nan": float("nan")}, 3)
         tracker.log_image(Image.new("RGB", (16, 16), (255, 0, 0)), "samples", step=2)
         fig, ax = plt.subplots()
         ax.plot([1.0, 0.5, 0.25])
@@ -115,6 +116,7 @@ def test_mlflow_tracker_logs_run_and_checkpoint_model(tmp_path, monkeypatch):
         model_uri = tracker.log_checkpoint(
             ckpt, 3, seed=7, data_version="0123abcd.dir", loader="_dist_worker:load_toy_model"
         )
+        default_uri = tracker.log_checkpoint(ckpt, 3, name="default-loader")
         url = tracker.run_url()
     finally:
         tracker.finish()
@@ -125,8 +127,11 @@ def test_mlflow_tracker_logs_run_and_checkpoint_model(tmp_path, monkeypatch):
     assert run.data.params["engine.lr"] == "0.001" and run.data.params["seed"] == "7"
     assert run.data.tags["stage"] == "sft" and run.data.tags["latest_checkpoint_step"] == "3"
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")] == [
-        (0, 1.0), (1, 0.5), (2, 0.25)]
-    assert [m.value for m in client.get_metric_history(run.info.run_id, "loss_nonfinite")] == [1.0]
+        (0, 1.0),
+        (1, 0.5),
+        (2, 0.25),
+    ]
+    assert math.isnan(client.get_metric_history(run.info.run_id, "grad_norm_or_nan")[-1].value)
     assert [m.value for m in client.get_metric_history(run.info.run_id, "lr/dit")] == pytest.approx([1e-3, 2e-3, 3e-3])
     exp = client.get_experiment(run.info.experiment_id)
     assert exp.artifact_location == (tmp_path / "artifacts" / "unit-sft").as_uri()
@@ -147,7 +152,12 @@ def test_mlflow_tracker_logs_run_and_checkpoint_model(tmp_path, monkeypatch):
     for name in files:
         assert (Path(wrapper.checkpoint_dir) / name).read_bytes() == (ckpt / name).read_bytes()
     x = torch.linspace(-1, 1, 2 * IN_DIM).reshape(2, IN_DIM)  # (2, IN_DIM)
-    expected = model.eval()(x).tolist()
-    assert loaded.predict(x.tolist()) == pytest.approx(expected, abs=1e-6)
+    expected = model.eval()(x)  # (2, OUT_DIM)
+    torch.testing.assert_close(torch.tensor(loaded.predict(x.tolist())), expected, rtol=0, atol=1e-6)
     assert loaded.metadata.metadata["loader"] == "_dist_worker:load_toy_model"
     assert not list(Path(wrapper.checkpoint_dir).parent.parent.rglob("*.pkl"))  # logged from code, not pickled
+
+    plain = mlflow.pyfunc.load_model(default_uri).unwrap_python_model()  # default loader: load_checkpoint
+    assert plain.model.step == 3 and torch.equal(plain.model.model_state["head_bias"], model.head_bias.detach())
+    with pytest.raises(NotImplementedError, match="unirl.train.checkpoint:load_checkpoint' has no predict"):
+        plain.predict(None, [[0.0] * IN_DIM])

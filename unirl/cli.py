@@ -1,10 +1,15 @@
 """The ``unirl`` command: one subcommand per pipeline stage, each reading its section of ``params.yaml``.
 
-    unirl curate [--task t2i] [--set resolution=64]
-    unirl validate
-    unirl tokenizer
-    unirl sft
-    unirl pipeline            # every stage in order (what `dvc repro` runs, without DVC's caching)
+    unirl curate [--task t2i] [--set resolution=64]   render the task shards
+    unirl import-data --captions a.tar --edits b.parquet
+    unirl validate                                      GX suites over every shard set
+    unirl tokenizer                                     train the tokenizer on the curated corpus
+    unirl sft                                           LM cold start + DM flow matching
+    unirl rl --scenario t2i                             GRPO in one of the six scenarios
+    unirl eval                                          every benchmark on every checkpoint
+    unirl eval geneval --images DIR                     score a GenEval-layout image folder
+    unirl promote                                       registry promotion (champion / challenger)
+    unirl pipeline                                      every stage in order, without DVC's caching
 
 ``--set key=value`` overrides a field of the stage's config (YAML-parsed value); ``--params`` picks another file.
 The same entry points back the DVC stages and the Dagster assets.
@@ -23,6 +28,8 @@ from typing import Any
 import yaml
 
 from unirl.config import config_help, load_config
+
+SCENARIOS: tuple[str, ...] = ("understand", "t2i", "t2i_cot", "edit", "prompt_refine", "reflect")
 
 
 @dataclass(frozen=True)
@@ -45,8 +52,21 @@ STAGES: dict[str, Stage] = {
         "unirl.data.validation_stage:ValidateConfig", "validate", "unirl.data.validation_stage:run_validate",
         "validate every shard set with its Great Expectations suite",
     ),
+    "tokenizer": Stage(
+        "unirl.models.tokenizer:TokenizerConfig", "tokenizer", "unirl.models.tokenizer:build_tokenizer",
+        "train the BPE tokenizer on the curated corpus",
+    ),
+    "sft": Stage("unirl.train.sft:SFTConfig", "sft", "unirl.train.sft:run_sft", "supervised fine-tuning (LM + DM)"),
+    "rl": Stage("unirl.rl.trainer:RLConfig", "rl", "unirl.rl.trainer:run_rl", "GRPO in one scenario"),
+    "eval": Stage("unirl.eval.report:EvalConfig", "eval", "unirl.eval.report:run_cli", "run the benchmarks"),
+    "promote": Stage(
+        "unirl.promotion:PromoteConfig", "promote", "unirl.promotion:run_promote",
+        "register evaluated checkpoints and move the champion alias",
+    ),
 }
-PIPELINE: tuple[str, ...] = tuple(s for s in STAGES if s != "import-data")
+PIPELINE: tuple[str, ...] = (
+    "curate", "validate", "tokenizer", "sft", *(f"rl:{s}" for s in SCENARIOS), "eval", "promote",
+)
 
 
 def _load(path: str) -> Any:
@@ -64,13 +84,32 @@ def _parse_sets(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+def load_stage_config(stage_name: str, params: str | None = None, overrides: dict[str, Any] | None = None,
+                      scenario: str | None = None) -> Any:
+    """The resolved config of a stage (RL: the shared ``rl`` section merged with ``rl.scenarios.<scenario>``)."""
+    if stage_name == "rl":
+        from unirl.rl.trainer import load_rl_config
+
+        return load_rl_config(scenario or "t2i", params, overrides)
+    stage = STAGES[stage_name]
+    return load_config(_load(stage.config), stage.section, params, overrides)
+
+
 def run_stage(
     stage_name: str, params: str | None = None, overrides: dict[str, Any] | None = None, **kwargs: Any
 ) -> Any:
-    """Load stage ``stage_name``'s config from params (+ overrides) and run it; returns the runner's summary."""
-    stage = STAGES[stage_name]
-    cfg = load_config(_load(stage.config), stage.section, params, overrides)
-    runner: Callable[..., Any] = _load(stage.runner)
+    """Load stage ``stage_name``'s config from params (+ overrides) and run it; returns the runner's summary.
+
+    ``stage_name`` may be ``rl:<scenario>``.
+    """
+    if stage_name.startswith("rl:"):
+        stage_name, kwargs["scenario"] = "rl", stage_name.split(":", 1)[1]
+    if stage_name == "rl":
+        from unirl.rl.trainer import train_rl
+
+        return train_rl(load_stage_config("rl", params, overrides, kwargs.pop("scenario", None)))
+    cfg = load_stage_config(stage_name, params, overrides)
+    runner: Callable[..., Any] = _load(STAGES[stage_name].runner)
     return runner(cfg, **kwargs)
 
 
@@ -88,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--captions", nargs="+", default=None, help="image-caption WebDataset tars or folders")
             p.add_argument("--edits", nargs="+", default=None, help="editing parquet files")
             p.add_argument("--name", default="imported", help="shard sets <out_dir>/<name>_t2i and <name>_edit")
+        if name == "rl":
+            p.add_argument("--scenario", required=True, choices=SCENARIOS, help="which of the six scenarios")
+        if name == "eval":
+            p.add_argument("action", nargs="?", default="all", choices=["all", "geneval"],
+                           help="all = every benchmark of params.yaml; geneval = score a GenEval image folder")
+            p.add_argument("--images", default=None, help="(geneval) folder laid out as GenEval's generation script")
+            p.add_argument("--detector", default=None, help="(geneval) detector 'module:callable' (default: Shapes)")
     sub.add_parser("pipeline", help="run every stage in order: " + " -> ".join(PIPELINE))
     return parser
 
@@ -96,15 +142,20 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "pipeline":
         for name in PIPELINE:
-            print(f"==> unirl {name}", flush=True)
+            print(f"==> unirl {name.replace(':', ' --scenario ')}", flush=True)
             run_stage(name, args.params)
         return 0
-    stage = STAGES[args.command]
+    if args.command == "eval" and args.action == "geneval":
+        from unirl.eval.geneval import main as geneval_main
+
+        if not args.images:
+            raise SystemExit("unirl eval geneval needs --images DIR")
+        return geneval_main(["--images", args.images, *(["--detector", args.detector] if args.detector else [])])
     overrides = _parse_sets(args.set)
+    scenario = getattr(args, "scenario", None)
     if args.show_config:
-        cls = _load(stage.config)
-        cfg = load_config(cls, stage.section, args.params, overrides)
-        helps = config_help(cls)
+        cfg = load_stage_config(args.command, args.params, overrides, scenario)
+        helps = config_help(type(cfg))
         for key, value in vars(cfg).items():
             print(f"{key} = {value!r}    # {helps.get(key, '')}")
         return 0
@@ -113,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         kwargs = {"tasks": args.task}
     elif args.command == "import-data":
         kwargs = {"captions": args.captions, "edits": args.edits, "name": args.name}
+    elif args.command == "rl":
+        kwargs = {"scenario": scenario}
     summary = run_stage(args.command, args.params, overrides, **kwargs)
     print(json.dumps(summary, indent=None, default=str))
     return 0

@@ -12,13 +12,14 @@
   MLflow does not spawn its requirement-inference subprocess. The model carries the step, the run's params,
   the data version (``dvc.lock`` hash), the git commit and the seed as tags/params, and the import path of the
   function that turns the directory into a model (``loader``), read back by ``load_context``.
+* :func:`log_pyfunc_checkpoint` is that logging step on its own (any active run, an optional signature): the
+  serving flavour (:mod:`unirl.serving`) and registry promotion (:mod:`unirl.promotion`) log through it.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
-import math
 import os
 import subprocess
 import tempfile
@@ -28,7 +29,6 @@ from typing import Any, Protocol, runtime_checkable
 
 import mlflow.pyfunc  # binds ``mlflow`` too
 import yaml
-from mlflow.types.type_hints import TypeFromExample
 
 from unirl.config import PROJECT_ROOT
 
@@ -42,6 +42,7 @@ __all__ = [
     "flatten_params",
     "git_commit",
     "import_string",
+    "log_pyfunc_checkpoint",
     "make_tracker",
     "tracking_uri",
 ]
@@ -141,8 +142,11 @@ class UnifiedCheckpointModel(mlflow.pyfunc.PythonModel):
         self.loader_path = (context.model_config or {}).get("loader", DEFAULT_LOADER)
         self.model = import_string(self.loader_path)(self.checkpoint_dir)
 
-    def predict(self, context: Any, model_input: TypeFromExample, params: dict[str, Any] | None = None) -> Any:
-        # ``TypeFromExample``: the input is whatever the loaded model takes; MLflow validates nothing.
+    # ``predict`` takes whatever the loaded model takes: opt out of MLflow's type-hint input validation (and of
+    # its warnings about a predict without hints).
+    _skip_type_hint_validation = True
+
+    def predict(self, context, model_input, params: dict[str, Any] | None = None):  # noqa: ANN001
         predict = getattr(self.model, "predict", None)
         if predict is None:
             raise NotImplementedError(
@@ -223,16 +227,63 @@ class NullTracker:
         return None
 
 
-def _pip_requirements() -> list[str]:
+CHECKPOINT_REQUIREMENTS: tuple[str, ...] = ("mlflow", "torch", "safetensors", "numpy", "pyyaml")
+
+
+def _pip_requirements(packages: tuple[str, ...] = CHECKPOINT_REQUIREMENTS) -> list[str]:
+    """``package==installed version`` for each of ``packages`` (unpinned when not installed)."""
     from importlib.metadata import PackageNotFoundError, version
 
     reqs = []
-    for pkg in ("mlflow", "torch", "safetensors", "numpy", "pyyaml"):
+    for pkg in packages:
         try:
             reqs.append(f"{pkg}=={version(pkg).split('+')[0]}")
         except PackageNotFoundError:
             reqs.append(pkg)
     return reqs
+
+
+def log_pyfunc_checkpoint(
+    ckpt_dir: str | os.PathLike,
+    name: str,
+    *,
+    loader: str = DEFAULT_LOADER,
+    tags: Mapping[str, str] | None = None,
+    params: Mapping[str, str] | None = None,
+    step: int = 0,
+    signature: Any | None = None,
+    input_example: Any | None = None,
+    requirements: tuple[str, ...] = CHECKPOINT_REQUIREMENTS,
+) -> Any:
+    """Log ``ckpt_dir`` into the ACTIVE run as a pyfunc LoggedModel of :class:`UnifiedCheckpointModel`.
+
+    The directory becomes the model's artifact ``checkpoint``; the class is logged from code (nothing pickled);
+    ``loader`` (``"module:function"``) turns the directory into the object whose ``predict`` serves requests;
+    ``signature`` (an ``mlflow.models.ModelSignature``) declares the served columns and params. Returns MLflow's
+    ``ModelInfo`` (``model_uri``, ``model_id``).
+    """
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {ckpt_dir} does not exist: save the checkpoint first")
+    if mlflow.active_run() is None:
+        raise RuntimeError("log_pyfunc_checkpoint logs into the active MLflow run: start one first")
+    tags = dict(tags or {})
+    with tempfile.TemporaryDirectory() as tmp:
+        code = Path(tmp) / "unified_checkpoint_model.py"
+        code.write_text(_MODEL_CODE)
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=str(code),
+            artifacts={"checkpoint": str(ckpt_dir)},
+            model_config={"loader": loader},
+            pip_requirements=_pip_requirements(requirements),
+            metadata={"loader": loader, **tags},
+            params=dict(params) if params else None,
+            tags=tags,
+            step=step,
+            signature=signature,
+            input_example=input_example,
+        )
 
 
 class MlflowTracker:
@@ -281,26 +332,21 @@ class MlflowTracker:
         return self.run_id
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        values = {k: float(v) for k, v in metrics.items()}
-        values = {k: v for k, v in values.items() if math.isfinite(v)} | {
-            f"{k}_nonfinite": 1.0 for k, v in values.items() if not math.isfinite(v)
-        }
-        mlflow.log_metrics(values, step=step, run_id=self._require_run())
+        """Scalars (floats, ints, 0-d tensors) at ``step``; NaN/inf are kept as MLflow stores them."""
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step, run_id=self._require_run())
 
     def log_image(self, image: Any, name: str, step: int) -> None:
         """A PIL image (or HWC uint8 array) under ``name``, browsable per step in the run's Images view."""
-        self._require_run()
-        mlflow.log_image(image, key=name, step=step, synchronous=True)
+        self._client().log_image(self._require_run(), image, key=name, step=step, synchronous=True)
 
     def log_figure(self, figure: Any, name: str, step: int | None = None) -> None:
         """A matplotlib figure as ``figures/<name>[_stepXXXXXX].png``."""
-        self._require_run()
         suffix = f"_step{step:06d}" if step is not None else ""
-        mlflow.log_figure(figure, f"figures/{name}{suffix}.png")
+        self._client().log_figure(self._require_run(), figure, f"figures/{name}{suffix}.png")
 
     def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
         """A dict as a JSON (``.json``) or YAML (``.yaml``) artifact."""
-        mlflow.log_dict(dict(data), artifact_file, run_id=self._require_run())
+        self._client().log_dict(self._require_run(), dict(data), artifact_file)
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         self._client().log_artifact(self._require_run(), str(path), artifact_path)
@@ -321,28 +367,19 @@ class MlflowTracker:
         ``params`` default to the run's params; ``loader`` is the ``"module:function"`` that turns the
         directory into a model when the pyfunc model is loaded.
         """
-        self._require_run()
-        ckpt_dir = Path(ckpt_dir)
-        if not ckpt_dir.is_dir():
-            raise FileNotFoundError(f"checkpoint directory {ckpt_dir} does not exist: save the checkpoint first")
+        run_id = self._require_run()
         commit = self._tags.get("git_commit") or git_commit()
         tags = {"step": str(step), "seed": str(seed), "data_version": str(data_version), "git_commit": str(commit)}
         model_params = flatten_params(params) if params is not None else dict(self._params)
-        with tempfile.TemporaryDirectory() as tmp:
-            code = Path(tmp) / "unified_checkpoint_model.py"
-            code.write_text(_MODEL_CODE)
-            info = mlflow.pyfunc.log_model(
-                name=name or f"checkpoint-{step:06d}",
-                python_model=str(code),
-                artifacts={"checkpoint": str(ckpt_dir)},
-                model_config={"loader": loader},
-                pip_requirements=_pip_requirements(),
-                metadata={"loader": loader, **tags},
-                params=model_params or None,
-                tags=tags,
-                step=step,
-            )
-        mlflow.set_tags({"latest_checkpoint_step": str(step), "latest_checkpoint_model": info.model_uri})
+        active = mlflow.active_run()
+        if active is None or active.info.run_id != run_id:  # log_model logs into the active run
+            mlflow.set_tracking_uri(self.uri)
+            mlflow.start_run(run_id=run_id)
+        info = log_pyfunc_checkpoint(ckpt_dir, name or f"checkpoint-{step:06d}", loader=loader, tags=tags,
+                                     params=model_params or None, step=step)
+        client = self._client()
+        client.set_tag(run_id, "latest_checkpoint_step", str(step))
+        client.set_tag(run_id, "latest_checkpoint_model", info.model_uri)
         return info.model_uri
 
     def run_url(self) -> str | None:

@@ -15,7 +15,7 @@ def _shard_asset(task: str) -> dg.AssetsDefinition:
         name=f"shards_{task}",
         group_name="data",
         kinds={"webdataset"},
-        description=f"WebDataset shards of the `{task}` task (train/val/test, disjoint by prompt), rendered and verified.",
+        description=f"WebDataset shards of the `{task}` task (train/val/test, disjoint by prompt), verified.",
     )
     def _shards(unirl: UnirlParams) -> dg.MaterializeResult:
         cfg = unirl.config(curate_lib.CurateConfig, "curate")

@@ -63,7 +63,13 @@ class ModelConfig:
     profile: str = option("tiny", "profile name")
     resolution: int = option(32, "generated image side in pixels")
     n_query: int = option(8, "learnable query tokens per task (t2i, i2i)")
+    query_init_std: float | None = option(
+        None, "std of the learnable queries at init; null: the std of the LM's input embeddings (so the prompt "
+        "is not drowned out in a freshly initialised tiny LM); 1.0: the paper's torch.randn")
     dtype: str = option("float32", "parameter dtype: float32 or bfloat16")
+    dit_self_attention: str = option(
+        "linear", "DiT self-attention kernel: 'linear' (SANA's ReLU linear attention) or 'softmax' (diffusers' "
+        "AttnProcessor2_0 on the same attn1 weights; cheap at a few hundred tokens)")
     vision_min_pixels: int = option(32 * 32, "Qwen2.5-VL image processor: min pixels after resize")
     vision_max_pixels: int = option(32 * 32, "Qwen2.5-VL image processor: max pixels after resize")
     lm: LMConfig = dataclasses.field(default_factory=LMConfig)

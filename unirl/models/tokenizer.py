@@ -24,6 +24,8 @@ from pathlib import Path
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from unirl.config import option
+
 PAD = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"  # end of a turn; the EOS of generation
@@ -164,6 +166,28 @@ def replace_dir(src: Path, dst: Path) -> None:
     os.replace(src, dst)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@dataclass
+class TokenizerConfig:
+    """The ``tokenizer`` stage (``params.yaml`` section ``tokenizer``)."""
+
+    corpus: str = option("data/curated/corpus.txt", "curated text corpus, one text per line")
+    out_dir: str = option("data/tokenizer", "output directory (tokenizer.json, tokenizer_config.json, template)")
+    vocab_size: int = option(1024, "BPE vocabulary size including the special tokens")
+    min_frequency: int = option(2, "minimum pair frequency for a BPE merge")
+
+
+def build_tokenizer(cfg: TokenizerConfig) -> dict[str, float]:
+    """Stage entry point: train on ``cfg.corpus``, save to ``cfg.out_dir``; return metrics for DVC / Dagster."""
+    corpus = Path(cfg.corpus)
+    if not corpus.is_file():
+        raise FileNotFoundError(f"tokenizer corpus {corpus} not found; run the curate stage first (dvc repro curate)")
+    lines = corpus.read_text(encoding="utf-8").splitlines()
+    tok = train_tokenizer(lines, cfg.out_dir, vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency)
+    n_tokens = sum(len(tok(line, add_special_tokens=False)["input_ids"]) for line in lines)
+    return {"vocab_size": float(len(tok)), "corpus_lines": float(len(lines)),
+            "tokens_per_line": n_tokens / max(len(lines), 1)}
 
 
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:

@@ -3,7 +3,8 @@
 Architecture (UniRL-Zero / BLIP3o-MetaQuery style, as the paper's code):
 
 * **LM expert** - transformers' ``Qwen2_5_VLForConditionalGeneration`` (vision tower included).
-* **Queries** - ``t2i_queries`` and ``i2i_queries`` (``[1, n_query, d_lm]``, ``randn`` init as the paper's code),
+* **Queries** - ``t2i_queries`` and ``i2i_queries`` (``[1, n_query, d_lm]``; ``randn * query_init_std``: 1 in the
+  full profile as the paper's code, the LM embedding std in the tiny one, whose fresh LM has tiny residuals),
   appended as input embeddings AFTER the chat-templated prompt (left padding keeps them last). The LM's final
   (normed) hidden states at those N positions go to the connector. Gradients flow through a frozen LM into them.
 * **Connector** - see :mod:`unirl.models.connector`; its output replaces SANA's text-encoder features
@@ -31,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import AutoencoderDC, SanaTransformer2DModel
+from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
 from torch import nn
 from transformers import PreTrainedTokenizerBase, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -105,14 +107,22 @@ class UnifiedModel(nn.Module):
         self.lm = lm
         self.dit = dit
         self.vae = vae
+        if config.dit_self_attention == "softmax":
+            for block in dit.transformer_blocks:
+                block.attn1.set_processor(AttnProcessor2_0())
+        elif config.dit_self_attention != "linear":
+            raise ValueError(f"dit_self_attention must be 'linear' or 'softmax', got {config.dit_self_attention!r}")
         if vae is not None:
             vae.requires_grad_(False).eval()
         d_lm = lm.config.text_config.hidden_size
         inner = dit.config.num_attention_heads * dit.config.attention_head_dim
         self.connector = Connector(d_lm, dit.config.caption_channels, config.connector.n_layers,
                                    config.connector.n_heads, config.connector.mlp_ratio)
-        self.t2i_queries = nn.Parameter(torch.randn(1, config.n_query, d_lm))
-        self.i2i_queries = nn.Parameter(torch.randn(1, config.n_query, d_lm))
+        std = config.query_init_std
+        if std is None:  # match the scale of the LM's token embeddings
+            std = 0.02 if lm.device.type == "meta" else float(lm.get_input_embeddings().weight.detach().float().std())
+        self.t2i_queries = nn.Parameter(torch.randn(1, config.n_query, d_lm) * std)
+        self.i2i_queries = nn.Parameter(torch.randn(1, config.n_query, d_lm) * std)
         self.ref_patch_embed = copy.deepcopy(dit.patch_embed)
         self.ref_proj = nn.Linear(inner, inner)
         nn.init.zeros_(self.ref_proj.weight)
@@ -172,6 +182,13 @@ class UnifiedModel(nn.Module):
         from unirl.models.io import save_pretrained
 
         save_pretrained(self, path)
+
+    def train(self, mode: bool = True) -> UnifiedModel:
+        """As ``nn.Module.train``, but the frozen VAE always stays in eval mode."""
+        super().train(mode)
+        if self.vae is not None:
+            self.vae.eval()
+        return self
 
     # ------------------------------------------------------------------ parameters
     @property
@@ -246,6 +263,26 @@ class UnifiedModel(nn.Module):
         """Teacher-forced next-token logits (B, L, V)."""
         out = self.lm_hidden(batch.to(self.device), self.input_embeds(batch.to(self.device)), use_cache=False)
         return self.lm.lm_head(out.last_hidden_state)
+
+    def completion_logprobs(self, prompts: Sequence[str], completion_ids: Sequence[Sequence[int]],
+                            images: Sequence[Image.Image | None] | None = None,
+                            temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token log-probs of given completions (teacher forcing, same layout as sampling).
+
+        Returns ``(logp, mask)``, both (B, T) with T the longest completion; row i holds its ``len_i`` tokens
+        left-aligned, ``mask`` 1 on them. Logits are divided by ``temperature`` first (sampling temperature).
+        """
+        batch = self.build_inputs(prompts, images, suffix_ids=completion_ids)
+        logits = self.lm_logits(batch).float() / max(temperature, 1e-6)  # (B, L, V)
+        B, L = batch.input_ids.shape
+        lens = torch.tensor([len(c) for c in completion_ids], device=logits.device)  # (B,)
+        T = max(int(lens.max()), 1) if B else 1
+        j = torch.arange(T, device=logits.device)
+        mask = (j[None] < lens[:, None]).long()  # (B, T)
+        src = ((L - lens - 1)[:, None] + j[None]).clamp(0, L - 1)  # (B, T) position that predicts token j
+        tokens = batch.input_ids.gather(1, (src + 1).clamp(max=L - 1))  # (B, T)
+        logp = logits.log_softmax(-1)[torch.arange(B, device=logits.device)[:, None], src, tokens]  # (B, T)
+        return logp * mask, mask
 
     def build_inputs(self, prompts: Sequence[str], images: Sequence[Image.Image | None] | None = None,
                      **kwargs: Any) -> LMBatch:

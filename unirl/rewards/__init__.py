@@ -4,7 +4,7 @@
 CLIP) register themselves from their own modules.
 """
 
-from unirl.rewards import text  # noqa: F401  (registers the text rewards)
+from unirl.rewards import image, text  # noqa: F401  (registers the image and text rewards)
 from unirl.rewards.registry import RewardError, RewardFn, available, combine, get, register, unregister
 
 __all__ = ["RewardError", "RewardFn", "available", "combine", "get", "register", "unregister"]

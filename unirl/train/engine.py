@@ -142,7 +142,13 @@ def _named_groups(model: nn.Module, param_groups: list[dict], cfg: EngineConfig)
 
 
 class Engine:
-    """Backend-independent training engine; build it with :func:`build_engine`."""
+    """Backend-independent training engine; build it with :func:`build_engine`.
+
+    Per micro-batch: ``engine.backward(loss)`` then ``engine.step()`` (True when an optimiser step ran).
+    Attributes: ``optimizer_step`` (optimiser steps taken), ``micro_step``, ``grad_norm`` (global L2 norm of the
+    averaged gradient before clipping, at the last optimiser step), ``info`` (:class:`DistInfo`),
+    ``trainable`` ([(name, parameter)] in group order), ``group_names``, ``base_lrs``.
+    """
 
     def __init__(self, module: nn.Module, groups: list[dict], cfg: EngineConfig, info: DistInfo) -> None:
         self.cfg = cfg
@@ -150,10 +156,10 @@ class Engine:
         self._module = module
         self.group_names: list[str] = [g["name"] for g in groups]
         self.base_lrs: list[float] = [g["lr"] for g in groups]
-        self.param_names: dict[int, str] = {id(p): n for n, p in module.named_parameters()}
-        self.trainable: list[tuple[str, nn.Parameter]] = [
-            (self.param_names[id(p)], p) for g in groups for p in g["params"]
-        ]
+        names = {id(p): n for n, p in module.named_parameters()}
+        self.group_params: list[list[str]] = [[names[id(p)] for p in g["params"]] for g in groups]
+        self.trainable: list[tuple[str, nn.Parameter]] = [(names[id(p)], p) for g in groups for p in g["params"]]
+        self._shapes = {n: tuple(p.shape) for n, p in self.trainable}  # before ZeRO-3 partitions them
         self.optimizer_step = 0
         self.micro_step = 0
         self.grad_norm: float | None = None
@@ -173,8 +179,12 @@ class Engine:
         return self.info.is_main
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        """Context for forward passes: bf16 autocast on the torch backend with ``precision='bf16'``."""
-        if self.cfg.backend == "torch" and self.cfg.precision == "bf16":
+        """Context for forward passes: bf16 autocast with ``precision='bf16'`` (a no-op for fp32).
+
+        Torch backend: fp32 weights, bf16 matmuls. DeepSpeed: the module itself is bf16 and autocast casts the
+        fp32 inputs the loop feeds it.
+        """
+        if self.cfg.precision == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -217,7 +227,16 @@ class Engine:
         raise NotImplementedError
 
     def state_dict_for_checkpoint(self) -> dict[str, Any]:
-        """Engine-independent optimiser state (nested dict of tensors/scalars). Collective: call on every rank."""
+        """Engine-independent optimiser state (nested dict of tensors/scalars). Collective: call on every rank.
+
+        Only valid on an accumulation boundary (after a ``step()`` that returned True): a partial accumulation
+        lives in ``.grad`` and is not saved.
+        """
+        if self.micro_step % self.cfg.grad_accum_steps:
+            raise RuntimeError(
+                f"checkpoint requested after micro-batch {self.micro_step % self.cfg.grad_accum_steps} of "
+                f"{self.cfg.grad_accum_steps}: save right after a step() that returned True"
+            )
         moments = self._moments()
         return {
             "format": ENGINE_STATE_FORMAT,
@@ -225,8 +244,8 @@ class Engine:
             "optimizer_step": self.optimizer_step,
             "micro_step": self.micro_step,
             "groups": [
-                {"name": n, "base_lr": lr, "params": [pn for pn, p in self.trainable if id(p) in ids]}
-                for n, lr, ids in zip(self.group_names, self.base_lrs, self._group_ids())
+                {"name": n, "base_lr": lr, "params": ps}
+                for n, lr, ps in zip(self.group_names, self.base_lrs, self.group_params)
             ],
             "exp_avg": {n: m["exp_avg"] for n, m in moments.items()},
             "exp_avg_sq": {n: m["exp_avg_sq"] for n, m in moments.items()},
@@ -270,16 +289,12 @@ class Engine:
             }
         )
 
-    def _group_ids(self) -> list[set[int]]:
-        raise NotImplementedError
-
 
 class TorchEngine(Engine):
     """Plain PyTorch AdamW; gradients averaged over ranks by one flat ``all_reduce`` (see the module docstring)."""
 
     def __init__(self, module: nn.Module, groups: list[dict], cfg: EngineConfig, info: DistInfo) -> None:
         super().__init__(module, groups, cfg, info)
-        self._groups_params = [list(g["params"]) for g in groups]
         self.optimizer = torch.optim.AdamW(
             groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay
         )
@@ -287,9 +302,6 @@ class TorchEngine(Engine):
             with torch.no_grad():
                 for t in list(module.parameters()) + list(module.buffers()):
                     dist.broadcast(t.data, src=0)
-
-    def _group_ids(self) -> list[set[int]]:
-        return [{id(p) for p in ps} for ps in self._groups_params]
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.cfg.grad_accum_steps).backward()
@@ -382,13 +394,14 @@ class DeepSpeedEngine(Engine):
 
         self._ds_config = load_deepspeed_config(cfg, info.world_size)
         self.zero_stage = int(self._ds_config.get("zero_optimization", {}).get("stage", 0))
-        self._groups_params = [list(g["params"]) for g in groups]
+        if self.zero_stage not in (1, 2, 3):
+            raise ValueError(
+                f"{cfg.deepspeed_config}: the deepspeed backend needs ZeRO stage 1, 2 or 3, got {self.zero_stage} "
+                "(without ZeRO use backend 'torch')"
+            )
         self.ds_engine, self.optimizer, _, _ = deepspeed.initialize(
             model=module, model_parameters=groups, config=self._ds_config
         )
-
-    def _group_ids(self) -> list[set[int]]:
-        return [{id(p) for p in ps} for ps in self._groups_params]
 
     @property
     def module(self) -> nn.Module:
@@ -407,31 +420,29 @@ class DeepSpeedEngine(Engine):
         boundary = self.ds_engine.is_gradient_accumulation_boundary()
         if boundary:
             self._apply_lr(self.ds_engine.optimizer.param_groups)
-            if self.zero_stage == 0:  # no ZeRO optimiser: DeepSpeed reports no norm, measure it (grads are averaged)
-                norms = [p.grad.norm() for _, p in self.trainable if p.grad is not None]
-                self.grad_norm = float(torch.stack(norms).norm()) if norms else 0.0
         self.ds_engine.step()
         self.micro_step += 1
         if not boundary:
             return False
-        if self.zero_stage > 0:
-            norm = self.ds_engine.get_global_grad_norm()
-            self.grad_norm = None if norm is None else float(norm)
+        norm = self.ds_engine.get_global_grad_norm()  # before clipping, over all ranks
+        self.grad_norm = None if norm is None else float(norm)
         self.optimizer_step += 1
         return True
 
     # --- engine-independent state through DeepSpeed's tensor-fragment API (collective under ZeRO) ---
-    def _gathered(self) -> contextlib.AbstractContextManager:
+    def _gathered(self, modify: bool) -> contextlib.AbstractContextManager:
+        """ZeRO-3: materialise every full parameter on every rank (``modify``: rank 0's writes are kept)."""
         if self.zero_stage == 3:
             import deepspeed
 
-            return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=0)
+            params = list(self.module.parameters())
+            return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
         return contextlib.nullcontext()
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         from deepspeed.utils import safe_get_full_fp32_param
 
-        with self._gathered():
+        with self._gathered(modify=False):
             state = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
         for n, p in self.trainable:
             full = safe_get_full_fp32_param(p)
@@ -442,7 +453,7 @@ class DeepSpeedEngine(Engine):
     def _set_model_state(self, state: dict[str, torch.Tensor]) -> None:
         from deepspeed.utils import safe_set_full_fp32_param
 
-        with self._gathered(), torch.no_grad():
+        with self._gathered(modify=True), torch.no_grad():
             for k, t in self.module.state_dict(keep_vars=True).items():
                 t.data.copy_(state[k].to(t.device, t.dtype).reshape(t.shape))
         for n, p in self.trainable:
@@ -471,25 +482,18 @@ class DeepSpeedEngine(Engine):
             opt._hp_optimizer_states_linked = True
 
     def _moments(self) -> dict[str, dict[str, torch.Tensor]]:
-        if self.zero_stage == 0:
-            return TorchEngine._moments(self)  # type: ignore[arg-type]
         from deepspeed.utils import safe_get_full_optimizer_state
 
         self._ensure_optimizer_state()
         return {
             n: {
-                k: safe_get_full_optimizer_state(p, k)
-                .detach()
-                .reshape(p.ds_shape if self.zero_stage == 3 else p.shape)
+                k: safe_get_full_optimizer_state(p, k).detach().reshape(self._shapes[n])
                 for k in ("exp_avg", "exp_avg_sq")
             }
             for n, p in self.trainable
         }
 
     def _set_moments(self, moments: dict[str, dict[str, torch.Tensor]]) -> None:
-        if self.zero_stage == 0:
-            TorchEngine._set_moments(self, moments)  # type: ignore[arg-type]
-            return
         from deepspeed.utils import safe_set_full_optimizer_state
 
         self._ensure_optimizer_state()

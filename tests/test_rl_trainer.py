@@ -1,0 +1,239 @@
+"""The GRPO loop (``train_rl``) on a small random model: outputs, frozen/trained parameters, failing rewards, NaN
+losses, the time budget, config loading, resume after a kill, and a 2-process run whose ranks agree."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from _rl_worker import prepare, rl_config
+from safetensors.torch import load_file
+
+from unirl.rewards import RewardError, register, unregister
+from unirl.rl.scenario import ScenarioBase, get_scenario, param_groups
+from unirl.rl.scenarios.t2i import T2IScenario
+from unirl.rl.trainer import RLConfig, load_rl_config, train_rl
+
+torch.set_num_threads(1)
+WORKER = Path(__file__).with_name("_rl_worker.py")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("rl_trainer")
+    prepare(root)
+    return root
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "model.safetensors"))
+
+
+def _changed(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], prefix: str) -> bool:
+    return any(not torch.equal(a[k], b[k]) for k in a if k.startswith(prefix))
+
+
+@pytest.mark.slow
+def test_train_rl_t2i_writes_every_output_and_trains_only_the_dm_side(root):
+    cfg = rl_config(root, "t2i", "run_t2i", steps=2, checkpoint_every=1)
+    summary = train_rl(cfg)
+    assert summary["steps"] == 2 and summary["nan_steps"] == 0 and not summary["stopped_early"]
+    assert summary["headline"] == "geneval_score"
+    assert list(summary["before"])[:2] == ["geneval_score", "geneval_correct"]
+    assert set(summary["delta"]) == set(summary["before"])
+    reports = Path(cfg.reports_dir)
+    metrics = json.loads((reports / "metrics.json").read_text())
+    assert metrics["before"] == summary["before"] and metrics["after"] == summary["after"]
+    rows = list(csv.DictReader((reports / "reward_curve.csv").open()))
+    assert [r["step"] for r in rows] == ["1", "2"]
+    for key in ("reward/mean", "reward/geneval/mean", "loss/kl", "loss/clip_fraction", "loss/logprob_gap",
+                "grad_norm", "time/rollout_s", "time/score_s", "time/loss_s"):
+        assert rows[0][key] != "", key
+    assert float(rows[0]["loss/logprob_gap"]) < 1e-5  # rollout and loss see identical inputs
+    assert (reports / "reward_curve.png").stat().st_size > 0
+    assert (reports / "samples_before_after.png").stat().st_size > 0
+    assert sorted(p.name for p in Path(cfg.run_dir).iterdir()) == ["step-000001", "step-000002"]
+    before, after = _weights(root / "sft"), _weights(Path(cfg.out_dir))
+    assert set(before) == set(after)
+    for prefix in ("dit.", "connector.", "t2i_queries"):
+        assert _changed(before, after, prefix), prefix
+    for prefix in ("lm.", "i2i_queries", "ref_proj.", "ref_patch_embed."):
+        assert not _changed(before, after, prefix), prefix
+
+
+@pytest.mark.slow
+def test_train_rl_edit_one_step(root):
+    cfg = rl_config(root, "edit", "run_edit", steps=1)
+    summary = train_rl(cfg)
+    assert summary["headline"] == "edit_correctness" and summary["steps"] == 1
+    rows = list(csv.DictReader((Path(cfg.reports_dir) / "reward_curve.csv").open()))
+    assert {"reward/edit_correctness/mean", "reward/cycle_consistency/mean"} <= set(rows[0])
+    assert float(rows[0]["loss/logprob_gap"]) < 1e-5
+    before, after = _weights(root / "sft"), _weights(Path(cfg.out_dir))
+    for prefix in ("dit.", "connector.", "i2i_queries", "ref_proj."):
+        assert _changed(before, after, prefix), prefix
+    for prefix in ("lm.", "t2i_queries"):
+        assert not _changed(before, after, prefix), prefix
+
+
+def test_a_failing_reward_stops_the_run_with_its_name(root):
+    @register("test_nan_reward")
+    def nan_reward(samples, prompts, metadata):
+        return [float("nan")] * len(samples)
+
+    try:
+        cfg = rl_config(root, "t2i", "run_nan_reward", steps=1, eval_prompts=1,
+                        rewards={"geneval": 1.0, "test_nan_reward": 0.5})
+        with pytest.raises(RewardError, match="test_nan_reward"):
+            train_rl(cfg)
+    finally:
+        unregister("test_nan_reward")
+
+
+class NaNLossT2I(T2IScenario):
+    """The t2i scenario whose loss is NaN on the first ``n_bad`` calls (a diverged update)."""
+
+    def __init__(self, cfg: RLConfig, n_bad: int) -> None:
+        super().__init__(cfg)
+        self.calls, self.n_bad = 0, n_bad
+
+    def loss(self, model, ref_model, rollout, advantages, update_index):
+        loss, stats = super().loss(model, ref_model, rollout, advantages, update_index)
+        self.calls += 1
+        return (loss * float("nan") if self.calls <= self.n_bad else loss), stats
+
+
+def test_a_nan_loss_skips_the_step_and_stops_after_the_configured_count(root):
+    cfg = rl_config(root, "t2i", "run_nan_stop", steps=4, eval_prompts=1, max_nan_steps=2)
+    with pytest.raises(RuntimeError, match=r"2 steps had a NaN/Inf loss \(rl.max_nan_steps = 2\)"):
+        train_rl(cfg, scenario=NaNLossT2I(cfg, n_bad=10))
+    cfg = rl_config(root, "t2i", "run_nan_skip", steps=2, eval_prompts=1, max_nan_steps=3)
+    summary = train_rl(cfg, scenario=NaNLossT2I(cfg, n_bad=1))
+    assert summary["nan_steps"] == 1 and summary["steps"] == 2
+    rows = list(csv.DictReader((Path(cfg.reports_dir) / "reward_curve.csv").open()))
+    assert [r["skipped"] for r in rows] == ["1.0", "0.0"]
+    assert rows[0]["loss/total"] == "" and rows[1]["loss/total"] != ""
+
+
+def test_the_time_budget_stops_the_loop_and_still_evaluates(root):
+    cfg = rl_config(root, "t2i", "run_budget", steps=50, eval_prompts=1, max_minutes=1e-4)
+    summary = train_rl(cfg)
+    assert summary["stopped_early"] and summary["steps"] == 0 and summary["after"] == summary["before"]
+
+
+def test_advantages_are_zero_mean_per_group_and_param_groups_are_per_expert(root):
+    scenario = get_scenario("t2i", rl_config(root, "t2i", "unused"))
+    rewards = torch.tensor([0.1, 0.5, 0.9, 0.2, 0.3, 0.3, 0.3, 0.3])
+    adv = scenario.advantages(rewards, 4)
+    torch.testing.assert_close(adv.view(2, 4).mean(1), torch.zeros(2), atol=1e-6, rtol=0)
+    g = rewards[:4]
+    torch.testing.assert_close(adv[:4], (g - g.mean()) / (g.std() + 1e-4))
+    assert torch.equal(adv[4:], torch.zeros(4))  # identical rewards: no signal
+    with pytest.raises(ValueError, match="unknown scenario 'paint'"):
+        get_scenario("paint", rl_config(root, "t2i", "unused"))
+    from unirl.models import UnifiedModel
+
+    model = UnifiedModel.from_pretrained(root / "sft")
+    groups = param_groups(model, "joint", lr_lm=1e-5, lr_dm=1e-3)
+    assert [(g["name"], g["lr"]) for g in groups] == [("lm", 1e-5), ("dm", 1e-3)]
+    lm_ids = {id(p) for _, p in model.parameter_groups()["lm"]}
+    assert lm_ids <= {id(p) for p in groups[0]["params"]}
+    assert isinstance(scenario, ScenarioBase)
+
+
+def test_load_rl_config_applies_per_scenario_overrides(tmp_path):
+    params = {"profile": "tiny", "rl": {
+        "steps": 30, "lr_dm": 1e-4, "rewards": {"geneval": 1.0}, "engine": {"grad_clip": 1.0, "lr": 1e-4},
+        "scenarios": {"edit": {"steps": 12, "rewards": {"edit_correctness": 1.0}, "engine": {"grad_clip": 0.5}}},
+    }}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    t2i = load_rl_config("t2i", path)
+    edit = load_rl_config("edit", path, overrides={"seed": 7})
+    assert (t2i.scenario, t2i.steps, t2i.rewards, t2i.engine.grad_clip) == ("t2i", 30, {"geneval": 1.0}, 1.0)
+    assert (edit.scenario, edit.steps, edit.rewards, edit.seed) == ("edit", 12, {"edit_correctness": 1.0}, 7)
+    assert (edit.engine.grad_clip, edit.engine.lr, edit.lr_dm) == (0.5, 1e-4, 1e-4)
+    assert edit.resolved().out_dir == "data/models/rl_edit" and edit.resolved().run_dir == "data/runs/rl_edit"
+    params["rl"]["stepz"] = 3
+    path.write_text(yaml.safe_dump(params))
+    with pytest.raises(ValueError, match="stepz"):
+        load_rl_config("t2i", path)
+
+
+def _worker_cmd(root: Path, tag: str, *args: str) -> list[str]:
+    return [sys.executable, str(WORKER), "--root", str(root), "--tag", tag, *args]
+
+
+def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in its own process group; on timeout kill the whole group (torchrun's workers included)."""
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{cmd[:4]}... timed out after {timeout}s:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONPATH": os.pathsep.join([str(WORKER.parent), os.environ.get("PYTHONPATH", "")])}
+
+
+@pytest.mark.slow
+def test_resume_after_a_kill_reproduces_the_uninterrupted_run(root):
+    steps = ["--steps", "3", "--checkpoint-every", "1"]
+    full = _run(_worker_cmd(root, "full", *steps), timeout=240)
+    assert full.returncode == 0, full.stderr[-3000:]
+    proc = subprocess.Popen(_worker_cmd(root, "killed", *steps), env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    run_dir = root / "killed" / "run"
+    deadline = time.time() + 180
+    while not (run_dir / "step-000001").is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not (root / "killed" / "rank0.json").exists()
+    resumed = _run(_worker_cmd(root, "killed", *steps), timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed t2i from" in resumed.stdout
+    a = json.loads((root / "full" / "rank0.json").read_text())
+    b = json.loads((root / "killed" / "rank0.json").read_text())
+    assert a["steps"] == b["steps"] == 3
+    assert a["trainable_sha256"] == b["trainable_sha256"] and a["saved_digest"] == b["saved_digest"]
+    ra = list(csv.DictReader((root / "full" / "reports" / "reward_curve.csv").open()))
+    rb = list(csv.DictReader((root / "killed" / "reports" / "reward_curve.csv").open()))
+    assert [r["reward/mean"] for r in ra] == [r["reward/mean"] for r in rb]
+    shutil.rmtree(root / "killed", ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_two_process_run_ranks_agree(root):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2", "--master_addr",
+           "127.0.0.1", "--master_port", str(port), str(WORKER), "--root", str(root), "--tag", "ddp", "--steps", "2"]
+    proc = _run(cmd, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0 = json.loads((root / "ddp" / "rank0.json").read_text())
+    r1 = json.loads((root / "ddp" / "rank1.json").read_text())
+    assert r0["world_size"] == r1["world_size"] == 2
+    assert r0["trainable_sha256"] == r1["trainable_sha256"]
+    init = _weights(root / "sft")
+    after = _weights(root / "ddp" / "model")
+    assert _changed(init, after, "dit.")

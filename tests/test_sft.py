@@ -1,0 +1,198 @@
+"""SFT stage: outputs of a short real run, per-phase gradients, kill/resume exactness, errors, two processes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import ROOT, small_params
+from unirl.config import load_config, to_dict
+from unirl.data.curate import CurateConfig, curate
+from unirl.data.t2i_prompts import FAMILIES
+from unirl.models import UnifiedModel, load_model_config, load_tokenizer
+from unirl.models.tokenizer import TokenizerConfig, build_tokenizer
+from unirl.train import CheckpointError
+from unirl.train import sft_data as D
+from unirl.train.losses import flow_matching_loss, lm_loss
+from unirl.train.sft import SFTConfig, _phase_engine, run_sft
+
+WORKER = ROOT / "tests" / "_sft_worker.py"
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny curated shards + a tokenizer trained on their corpus."""
+    tmp = tmp_path_factory.mktemp("sft")
+    cur = load_config(CurateConfig, "curate", small_params(tmp, per_tag=10))
+    curate(cur, progress=False)
+    build_tokenizer(TokenizerConfig(corpus=cur.corpus_path, out_dir=str(tmp / "tokenizer"), vocab_size=512))
+    return tmp
+
+
+def small_cfg(project: Path, out: Path, **kw) -> SFTConfig:
+    base = dict(shards_dir=str(project / "data" / "shards"), tokenizer_dir=str(project / "tokenizer"),
+                out_dir=str(out / "model"), run_dir=str(out / "run"), metrics_path=str(out / "metrics.json"),
+                loss_csv=str(out / "loss.csv"), loss_plot=str(out / "loss.png"), grid_path=str(out / "grid.png"),
+                lm_steps=2, dm_steps=3, lm_batch_size=4, dm_batch_size=4, edit_fraction=0.5, checkpoint_interval=2,
+                eval_interval=2, eval_per_tag=1, eval_lm_per_task=2, eval_steps=2, eval_max_new_tokens=6,
+                tracking=False, progress=False, torch_threads=1)
+    base.update(kw)
+    return SFTConfig(**base)
+
+
+def test_run_sft_writes_every_output_and_tracks(project: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    cfg = small_cfg(project, tmp_path, tracking=True, experiment="sft-test")
+    summary = run_sft(cfg)
+    # the final model round-trips and is the trained one
+    model = UnifiedModel.from_pretrained(cfg.out_dir)
+    assert model.tokenizer is not None and len(model.tokenizer) == len(load_tokenizer(cfg.tokenizer_dir))
+    metrics = json.loads(Path(cfg.metrics_path).read_text())
+    assert metrics["geneval"]["per_tag"] and set(metrics["geneval"]["per_tag"]) <= set(FAMILIES)
+    for v in metrics["geneval"]["per_tag"].values():
+        assert 0.0 <= v["correct"] <= v["score"] <= 1.0 and v["n"] == 1
+    assert set(metrics["lm_format"]) == set(D.LM_TASKS)
+    rows = Path(cfg.loss_csv).read_text().splitlines()
+    assert rows[0] == "step,phase,loss" and len(rows) == 1 + cfg.lm_steps + cfg.dm_steps
+    assert [r.split(",")[1] for r in rows[1:]] == ["lm"] * 2 + ["dm"] * 3
+    assert all(float(r.split(",")[2]) > 0 for r in rows[1:])
+    for p in (cfg.loss_plot, cfg.grid_path):
+        assert Path(p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # checkpoints at steps 2 (LM end), 4, 5 (end); keep_last=2
+    assert sorted(p.name for p in Path(cfg.run_dir).glob("step-*")) == ["step-000004", "step-000005"]
+    # MLflow: losses and lr every step, checkpoints as logged models with step / seed / data version
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    run_id = summary["run_url"].rsplit("/", 1)[-1]
+    hist = client.get_metric_history(run_id, "loss/dm")
+    assert [m.step for m in hist] == [3, 4, 5]
+    assert [m.step for m in client.get_metric_history(run_id, "lr/dit")] == [3, 4, 5]
+    assert len(client.get_metric_history(run_id, "loss/lm")) == 2
+    exp = client.get_experiment_by_name("sft-test")
+    models = mlflow.search_logged_models(experiment_ids=[exp.experiment_id], output_format="list")
+    assert sorted(int(m.tags["step"]) for m in models) == [2, 4, 5]
+    assert all(m.tags["seed"] == "0" for m in models)
+
+
+def test_gradients_reach_exactly_each_phase_parameters(project: Path, tmp_path: Path) -> None:
+    cfg = small_cfg(project, tmp_path)
+    torch.manual_seed(0)
+    model = UnifiedModel.build(load_model_config("tiny"), load_tokenizer(cfg.tokenizer_dir))
+    groups = {k: {n for n, _ in v} for k, v in model.parameter_groups().items()}
+    lm_data = D.load_lm_data(cfg.shards_dir, D.LM_TASKS, "train", 0.0, 32)
+    dm = D.load_dm_data(model, cfg.shards_dir, 0.0, 32)
+
+    def grads() -> tuple[set[str], set[str]]:
+        got = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+        none = {n for n, p in model.named_parameters() if p.grad is None}
+        return got, none
+
+    # LM phase: LM + vision tower, nothing else
+    engine = _phase_engine(model, cfg, "lm")
+    assert {n for n, _ in engine.trainable} == groups["lm"] | groups["vision"]
+    batch = [lm_data["understand"][0], lm_data["reflect"][0], lm_data["prompt_refine"][0]]
+    lm_loss(model, [e.prompt for e in batch], [e.response for e in batch], [e.image for e in batch]).backward()
+    got, none = grads()
+    assert got <= groups["lm"] | groups["vision"]
+    assert any(n in got for n in groups["vision"]) and "lm.model.language_model.layers.0.self_attn.q_proj.weight" in got
+    assert none >= set().union(*(groups[k] for k in ("dit", "connector", "t2i_queries", "i2i_queries", "ref")))
+    model.zero_grad(set_to_none=True)
+
+    # DM phase: DiT + connector + queries + ref path; the LM is frozen but passes gradients to the queries
+    engine = _phase_engine(model, cfg, "dm")
+    dm_names = set().union(*(groups[k] for k in ("dit", "connector", "t2i_queries", "i2i_queries", "ref")))
+    assert {n for n, _ in engine.trainable} == dm_names
+    assert engine.group_names == ["dit", "connector", "queries", "ref"]
+    gen = torch.Generator().manual_seed(0)
+    cond = model.encode(dm.t2i_prompts[:2], None, "t2i")
+    flow_matching_loss(model, dm.t2i_latents[:2], cond, generator=gen, drop_text=0, drop_ref=0, drop_both=0).backward()
+    got, none = grads()
+    assert "t2i_queries" in got and "i2i_queries" in none
+    assert groups["connector"] <= got
+    assert none >= groups["lm"] | groups["vision"]  # frozen: no grad at all
+    cond = model.encode(dm.edit_prompts[:2], dm.edit_images[:2], "i2i")
+    flow_matching_loss(model, dm.edit_tgt[:2], cond, dm.edit_src[:2], generator=gen, drop_text=0, drop_ref=0,
+                       drop_both=0).backward()
+    got, none = grads()
+    assert "i2i_queries" in got and "ref_proj.weight" in got
+    assert got <= dm_names and none >= groups["lm"] | groups["vision"]
+
+
+def test_missing_and_corrupt_checkpoints_give_clear_errors(project: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    with pytest.raises(CheckpointError, match="holds no checkpoint"):
+        run_sft(small_cfg(project, tmp_path, resume_from=str(missing)))
+    cfg = small_cfg(project, tmp_path / "a", dm_steps=0, eval_per_tag=1)
+    run_sft(cfg)
+    ckpt = Path(cfg.run_dir) / "step-000002"
+    with (ckpt / "model.safetensors").open("r+b") as f:  # flip bytes in the middle of the weights
+        f.seek(4096)
+        f.write(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        run_sft(dataclasses.replace(cfg, dm_steps=2))
+
+
+def _worker(cfg: SFTConfig, out: Path) -> list[str]:
+    return [sys.executable, str(WORKER), "--config", json.dumps(to_dict(cfg)), "--out", str(out)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_matches_uninterrupted_run(project: Path, tmp_path: Path) -> None:
+    kw = dict(lm_steps=2, dm_steps=10, checkpoint_interval=2, eval_per_tag=1, eval_lm_per_task=1)
+    ref_cfg = small_cfg(project, tmp_path / "ref", **kw)
+    run_sft(ref_cfg)
+    cfg = small_cfg(project, tmp_path / "killed", **kw)
+    proc = subprocess.Popen(_worker(cfg, tmp_path / "w"), env=_env(), cwd=ROOT)
+    target = Path(cfg.run_dir) / "step-000006"  # a DM-phase checkpoint, well before the end (step 12)
+    deadline = time.time() + 120
+    while not (target / "checkpoint.json").exists():
+        assert proc.poll() is None, "worker exited before its step-6 checkpoint"
+        assert time.time() < deadline, "worker never wrote step-000006"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not Path(cfg.out_dir).exists(), "the killed run must not have finished"
+    done = sorted(p.name for p in Path(cfg.run_dir).glob("step-*") if (p / "checkpoint.json").exists())
+    assert done[-1] < "step-000012"
+    run_sft(cfg)  # resumes from the newest checkpoint
+    ref = load_file(str(Path(ref_cfg.out_dir) / "model.safetensors"))
+    got = load_file(str(Path(cfg.out_dir) / "model.safetensors"))
+    assert ref.keys() == got.keys()
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
+    ref_rows = Path(ref_cfg.loss_csv).read_text().splitlines()
+    assert Path(cfg.loss_csv).read_text().splitlines() == ref_rows  # the loss history survives the kill
+
+
+@pytest.mark.slow
+def test_two_processes_end_with_identical_parameters(project: Path, tmp_path: Path) -> None:
+    cfg = small_cfg(project, tmp_path, lm_steps=2, dm_steps=2, eval_lm_per_task=1)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *_worker(cfg, tmp_path / "w")[1:]]
+    subprocess.run(cmd, env=_env(), cwd=ROOT, check=True, timeout=300)
+    d0, d1 = (json.loads((tmp_path / "w" / f"rank{r}.json").read_text())["digest"] for r in (0, 1))
+    assert d0 == d1
+    shutil.rmtree(tmp_path / "w")

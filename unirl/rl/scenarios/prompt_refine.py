@@ -1,0 +1,150 @@
+"""Scenario ``prompt_refine``: user prompt -> the LM rewrites it -> the FROZEN generator draws it -> verifier + format.
+
+The four steps (DESIGN.md section 2):
+
+* **rollout**: the casual request (``meta["prompt"]``) is repeated ``G`` times and the LM samples ``G`` rewrites
+  (:func:`unirl.rl.lm_policy.lm_rollout`); the rewrite is the ``<answer>`` content. The frozen generator then draws
+  one image per rewrite with the deterministic Euler ODE and the model's CFG (:func:`unirl.rl.dm_policy.sample_ode`,
+  ``rl.sde_steps`` steps, no SDE, no DM log-probs). All ``G`` rewrites of a prompt share one noise seed, so the
+  group's reward differences come from the rewrites alone (common random numbers). A completion without an
+  ``<answer>`` gets the blank canvas (verifier score 0) instead of an image.
+* **score**: ``rl.rewards``: ``geneval`` (the verifier's partial score against the prompt's GenEval metadata) on the
+  images + ``format`` on the completions.
+* **advantages**: group-normalised.
+* **loss**: the LM GRPO loss only (:func:`unirl.rl.lm_policy.lm_loss`). Trained: the LM.
+
+"The frozen DM" is the whole T2I path of the *reference* model (its LM encoding of the rewrite + queries, connector
+and DiT), i.e. the initial (SFT) model: the DM's conditioning runs through the LM, so generating with the policy
+would let LM updates shift the generator; the reference never changes, so nothing on the image side can. The
+policy's own DM parameters are frozen too (``train_mode = "lm"``; the test checks they do not change).
+
+Evaluation: held-out requests, greedy rewrites, images from the frozen generator with one fixed seed per request
+(``seed + i``): ``geneval_score`` (partial score of the rewrites' images; the headline), ``raw_geneval_score``
+(the same generator and seeds on the raw requests; computed once per run, the generator being fixed),
+``gain_over_raw`` (their difference), the binary versions and
+``format``. The frozen generator is the reference model passed to ``rollout``; an evaluation before any rollout
+(the "before" one) loads the same initial model from ``rl.init_dir``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from unirl.data import verifier
+from unirl.data.shapes import Scene, render
+from unirl.rewards.text import extract_answer, format_reward
+from unirl.rl.dm_policy import DMSampling, sample_ode
+from unirl.rl.lm_policy import TEXT_REWARDS, lm_loss, lm_rollout, score_rewards
+from unirl.rl.scenario import Rollout, ScenarioBase
+from unirl.rl.scenarios.understand import greedy_texts
+
+__all__ = ["SCENARIO", "PromptRefineScenario"]
+
+
+class PromptRefineScenario(ScenarioBase):
+    name = "prompt_refine"
+    train_mode = "lm"
+    text_rewards: frozenset[str] = TEXT_REWARDS  # rewards scored on the completions; the others on images
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        self.generator_model: Any = None  # the frozen generator (the reference model), set by the first rollout
+        self._raw_scores: dict[tuple[str, int], dict] = {}  # (raw prompt, seed) -> verifier result; never changes
+
+    def draw(self, generator_model: Any, texts: list[str | None], seeds: list[int]) -> list:
+        """ODE images of ``texts`` from ``generator_model`` (one seed each); None texts give the blank canvas."""
+        res = generator_model.config.resolution
+        blank = render(Scene(()), res)
+        todo = [i for i, t in enumerate(texts) if t]
+        images = [blank] * len(texts)
+        bs = max(1, self.cfg.eval_batch_size)
+        sampling = DMSampling.from_config(self.cfg, generator_model)
+        for k in range(0, len(todo), bs):
+            idx = todo[k : k + bs]
+            latents = sample_ode(generator_model, [texts[i] for i in idx], None, "t2i", [seeds[i] for i in idx],
+                                 sampling, steps=self.cfg.eval_steps or None)
+            for i, im in zip(idx, generator_model.decode_latents(latents)):
+                images[i] = im
+        return images
+
+    # --- rollout ---
+    def rollout(self, model: Any, ref_model: Any, prompts: list[dict], group_size: int,
+                generator: torch.Generator) -> Rollout:
+        self.generator_model = ref_model
+        lm = lm_rollout(model, ref_model, [p["prompt"] for p in prompts], None, group_size, self.cfg.temperature,
+                        self.cfg.max_new_tokens, generator, beta=self.cfg.beta_lm)
+        rewrites = [extract_answer(t) for t in lm.texts]
+        prompt_seeds = torch.randint(0, 2**31 - 1, (len(prompts),), generator=generator).tolist()
+        seeds = [s for s in prompt_seeds for _ in range(group_size)]  # one seed per group
+        images = self.draw(ref_model, rewrites, seeds)
+        return Rollout(prompts=list(prompts), group_size=group_size, lm=lm, images=images, texts=lm.texts,
+                       extras={"rewrites": rewrites})
+
+    # --- score ---
+    def score(self, rollout: Rollout) -> tuple[torch.Tensor, dict[str, list[float]]]:
+        metas = rollout.sample_metas()
+        return score_rewards(self.cfg.rewards, rollout.texts, rollout.images, [m["prompt"] for m in metas], metas,
+                             self.text_rewards)
+
+    # --- loss ---
+    def loss(self, model: Any, ref_model: Any, rollout: Rollout, advantages: torch.Tensor,
+             update_index: int) -> tuple[torch.Tensor, dict[str, float]]:
+        return lm_loss(model, rollout.lm, advantages, self.cfg.clip_eps_lm, self.cfg.beta_lm, update_index)
+
+    # --- evaluation ---
+    def frozen_generator(self, device: Any = None) -> Any:
+        """The reference model once a rollout has passed it; before that, the initial model from ``rl.init_dir``."""
+        if self.generator_model is None:
+            from unirl.models.unified import UnifiedModel
+
+            model = UnifiedModel.from_pretrained(self.cfg.init_dir, device=device)
+            self.generator_model = model.requires_grad_(False).eval()
+        return self.generator_model
+
+    def rewrite(self, model: Any, prompts: list[dict]) -> tuple[list[str], list[str | None]]:
+        """Greedy completions and their rewrites (the ``<answer>`` content, None when missing)."""
+        texts = greedy_texts(model, [p["prompt"] for p in prompts], None, self.cfg.max_new_tokens,
+                             self.cfg.eval_batch_size)
+        return texts, [extract_answer(t) for t in texts]
+
+    @torch.no_grad()
+    def evaluate(self, model: Any, prompts: list[dict], seed: int) -> dict[str, float]:
+        gen = self.frozen_generator(model.device)
+        texts, rewrites = self.rewrite(model, prompts)
+        seeds = [seed + i for i in range(len(prompts))]
+        mds = [p["metadata"] for p in prompts]
+        refined = verifier.score_batch(self.draw(gen, rewrites, seeds), mds)
+        raw = self.raw_scores(gen, prompts, seeds)
+
+        def mean(rs: list[dict], key: str) -> float:
+            return sum(float(r[key]) for r in rs) / len(rs)
+
+        fmt = format_reward(texts, [p["prompt"] for p in prompts], prompts)
+        return {
+            "geneval_score": mean(refined, "score"),
+            "raw_geneval_score": mean(raw, "score"),
+            "gain_over_raw": mean(refined, "score") - mean(raw, "score"),
+            "geneval_correct": mean(refined, "correct"),
+            "raw_geneval_correct": mean(raw, "correct"),
+            "format": sum(fmt) / len(fmt),
+        }
+
+    def raw_scores(self, gen: Any, prompts: list[dict], seeds: list[int]) -> list[dict]:
+        """Verifier results of the frozen generator's images from the raw requests (cached: the generator is fixed)."""
+        todo = [i for i, (p, s) in enumerate(zip(prompts, seeds)) if (p["prompt"], s) not in self._raw_scores]
+        if todo:
+            images = self.draw(gen, [prompts[i]["prompt"] for i in todo], [seeds[i] for i in todo])
+            for i, im in zip(todo, images):
+                self._raw_scores[(prompts[i]["prompt"], seeds[i])] = verifier.score(im, prompts[i]["metadata"])
+        return [self._raw_scores[(p["prompt"], s)] for p, s in zip(prompts, seeds)]
+
+    @torch.no_grad()
+    def preview(self, model: Any, prompts: list[dict], seed: int) -> tuple[list, list[str]]:
+        _, rewrites = self.rewrite(model, prompts)
+        images = self.draw(self.frozen_generator(model.device), rewrites, [seed + i for i in range(len(prompts))])
+        return images, [r or "(no rewrite)" for r in rewrites]
+
+
+SCENARIO = PromptRefineScenario
