@@ -33,3 +33,33 @@ def small_params(tmp: Path, per_tag: int = 12) -> Path:
 @pytest.fixture
 def params_file(tmp_path: Path) -> Path:
     return small_params(tmp_path)
+
+
+def micro_params(tmp: Path) -> Path:
+    """``small_params`` plus a micro budget for every model stage (a few steps each), all outputs under ``tmp``.
+
+    Paths stay project-relative where the stage reads them relative to the working directory, so run the stages
+    with ``cwd=tmp`` (DVC in a temporary copy, or Dagster with the working directory set to ``tmp``).
+    """
+    path = small_params(tmp, per_tag=8)
+    params = yaml.safe_load(path.read_text())
+    for key in ("out_dir", "corpus_path", "preview_path", "geneval_path"):
+        params["curate"][key] = params["curate"][key].replace(str(tmp) + "/", "")
+    params["validate"]["shards_dir"] = params["curate"]["out_dir"]
+    params["validate"]["report_path"] = params["validate"]["report_path"].replace(str(tmp) + "/", "")
+    params["tokenizer"].update(vocab_size=400, min_frequency=1)
+    params["sft"] = {
+        "lm_steps": 2, "dm_steps": 2, "lm_batch_size": 4, "dm_batch_size": 4, "checkpoint_interval": 2,
+        "eval_interval": 2, "eval_per_tag": 1, "eval_lm_per_task": 2, "eval_steps": 2, "eval_max_new_tokens": 8,
+        "max_minutes": 5.0, "progress": False,
+    }
+    params["rl"] = {
+        "steps": 1, "prompts_per_step": 1, "group_size": 2, "sde_steps": 2, "max_new_tokens": 8, "eval_prompts": 2,
+        "grid_prompts": 2, "eval_batch_size": 2, "progress": False,
+    }
+    params["eval"].update(
+        n_prompts={b: 1 for b in params["eval"]["n_prompts"]}, images_per_prompt=1, steps=2, max_new_tokens=8,
+        preview_prompts=1,
+    )
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path

@@ -53,3 +53,10 @@ def test_project_params_load_into_every_stage_config():
     val = load_config(ValidateConfig, "validate", ROOT / "params.yaml")
     assert cur.resolution == val.resolution
     assert set(cur.tasks) == set(val.tasks)
+
+
+def test_dotted_overrides_set_nested_fields(tmp_path):
+    from unirl.config import merge_overrides
+
+    merged = merge_overrides({"engine": {"lr": 1, "backend": "torch"}, "x": 1}, {"engine.backend": "ds", "y": 2})
+    assert merged == {"engine": {"lr": 1, "backend": "ds"}, "x": 1, "y": 2}

@@ -120,3 +120,11 @@ def test_folder_errors_name_the_problem(tmp_path):
         score_geneval_folder(tmp_path / "bad")
     with pytest.raises(ValueError, match="no GenEval records"):
         summarize([])
+
+
+def test_unirl_eval_geneval_command(folder, capsys):
+    from unirl.cli import main as unirl_main
+
+    assert unirl_main(["eval", "geneval", "--images", str(folder)]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last == pytest.approx({"overall": sum(EXPECTED.values()) / 4} | EXPECTED)

@@ -362,7 +362,9 @@ def test_softmax_self_attention_option_survives_save_load(tok, tmp_path):
     loaded = UnifiedModel.from_pretrained(tmp_path / "soft")
     assert all(isinstance(b.attn1.processor, AttnProcessor2_0) for b in loaded.dit.transformer_blocks)
     torch.manual_seed(0)
-    linear = UnifiedModel.build(load_model_config("tiny"), tok)
+    linear_cfg = load_model_config("tiny")
+    linear_cfg.dit_self_attention = "linear"
+    linear = UnifiedModel.build(linear_cfg, tok)
     with torch.no_grad():
         c = soft.encode(PROMPTS[:1])
         x = torch.randn(1, *soft.latent_shape)

@@ -2,15 +2,8 @@
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-from conftest import ROOT, small_params
+from conftest import small_params
 
 MODEL_ASSETS = {"tokenizer", "sft_model", *(f"rl_{s}" for s in ("understand", "t2i", "t2i_cot", "edit",
                                                                     "prompt_refine", "reflect"))}
@@ -52,35 +45,3 @@ def test_data_assets_and_checks_materialise_in_process(tmp_path):
     checks = result.get_asset_check_evaluations()
     assert len(checks) == 6 and all(c.passed for c in checks)
     assert (tmp_path / "data/corpus.txt").stat().st_size > 0
-
-
-def _run(cmd: list[str], cwd: Path, env: dict) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout + proc.stderr
-
-
-@pytest.mark.slow
-def test_dvc_repro_runs_stages_and_skips_them_when_nothing_changed(tmp_path):
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    shutil.copytree(ROOT / "unirl", repo / "unirl", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
-    params = small_params(repo)
-    text = params.read_text().replace(str(repo) + "/", "")  # project-relative paths, as in the real params.yaml
-    params.write_text(text)
-    bindir = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": bindir + os.pathsep + os.environ["PATH"], "UNIRL_PARAMS": str(params)}
-    _run(["git", "init", "-q"], repo, env)
-    _run([f"{bindir}/dvc", "init", "-q"], repo, env)
-    _run([f"{bindir}/dvc", "config", "core.analytics", "false"], repo, env)
-    out = _run([f"{bindir}/dvc", "repro", "validate"], repo, env)
-    assert "Running stage 'curate'" in out and "Running stage 'validate'" in out
-    assert json.loads((repo / "data/validation/report.json").read_text())["success"] is True
-    assert (repo / "dvc.lock").exists()
-    out = _run([f"{bindir}/dvc", "repro", "validate"], repo, env)
-    assert "Running stage" not in out
-    # Changing only the validate stage's parameter reruns validate, not curate.
-    params.write_text(text.replace("tag_balance_tolerance: 1.0", "tag_balance_tolerance: 0.99"))
-    out = _run([f"{bindir}/dvc", "repro", "validate"], repo, env)
-    assert "Running stage 'validate'" in out and "Running stage 'curate'" not in out

@@ -17,13 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from _rl_worker import prepare, rl_config
+from _rl_worker import param_digest, prepare, rl_config
 from safetensors.torch import load_file
 
 from unirl.rewards import RewardError, register, unregister
 from unirl.rl.scenario import ScenarioBase, get_scenario, param_groups
 from unirl.rl.scenarios.t2i import T2IScenario
 from unirl.rl.trainer import RLConfig, load_rl_config, train_rl
+from unirl.train.checkpoint import CheckpointError
 
 torch.set_num_threads(1)
 WORKER = Path(__file__).with_name("_rl_worker.py")
@@ -70,13 +71,27 @@ def test_train_rl_t2i_writes_every_output_and_trains_only_the_dm_side(root):
         assert _changed(before, after, prefix), prefix
     for prefix in ("lm.", "i2i_queries", "ref_proj.", "ref_patch_embed."):
         assert not _changed(before, after, prefix), prefix
+    # the run directory now holds checkpoints of this config: a different one must not silently resume from them
+    with pytest.raises(CheckpointError, match="different rl config.*lr_dm"):
+        train_rl(rl_config(root, "t2i", "run_t2i", steps=3, lr_dm=5e-4))
 
 
 @pytest.mark.slow
-def test_train_rl_edit_one_step(root):
-    cfg = rl_config(root, "edit", "run_edit", steps=1)
+def test_train_rl_edit_one_step_tracked_in_mlflow(root, tmp_path, monkeypatch):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    cfg = rl_config(root, "edit", "run_edit", steps=1, tracking=True, experiment="rl_edit_test")
     summary = train_rl(cfg)
     assert summary["headline"] == "edit_correctness" and summary["steps"] == 1
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    run = client.get_run(summary["run_url"].rsplit("/", 1)[-1])
+    assert run.info.status == "FINISHED" and run.data.tags["scenario"] == "edit"
+    assert run.data.tags["latest_checkpoint_step"] == "1"  # the checkpoint is a logged model
+    assert {"reward/mean", "loss/kl", "grad_norm", "eval/edit_correctness"} <= set(run.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "metrics.json" in artifacts
     rows = list(csv.DictReader((Path(cfg.reports_dir) / "reward_curve.csv").open()))
     assert {"reward/edit_correctness/mean", "reward/cycle_consistency/mean"} <= set(rows[0])
     assert float(rows[0]["loss/logprob_gap"]) < 1e-5
@@ -153,18 +168,20 @@ def test_advantages_are_zero_mean_per_group_and_param_groups_are_per_expert(root
 
 
 def test_load_rl_config_applies_per_scenario_overrides(tmp_path):
-    params = {"profile": "tiny", "rl": {
-        "steps": 30, "lr_dm": 1e-4, "rewards": {"geneval": 1.0}, "engine": {"grad_clip": 1.0, "lr": 1e-4},
-        "scenarios": {"edit": {"steps": 12, "rewards": {"edit_correctness": 1.0}, "engine": {"grad_clip": 0.5}}},
-    }}
+    params = {"profile": "tiny",
+              "rl": {"steps": 30, "lr_dm": 1e-4, "rewards": {"geneval": 1.0},
+                     "engine": {"grad_clip": 1.0, "lr": 1e-4}},
+              "rl_scenarios": {"t2i": {}, "edit": {"steps": 12, "rewards": {"edit_correctness": 1.0},
+                                                  "engine": {"grad_clip": 0.5}}}}
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     t2i = load_rl_config("t2i", path)
-    edit = load_rl_config("edit", path, overrides={"seed": 7})
+    edit = load_rl_config("edit", path, overrides={"seed": 7, "engine.lr": 2e-4})
     assert (t2i.scenario, t2i.steps, t2i.rewards, t2i.engine.grad_clip) == ("t2i", 30, {"geneval": 1.0}, 1.0)
     assert (edit.scenario, edit.steps, edit.rewards, edit.seed) == ("edit", 12, {"edit_correctness": 1.0}, 7)
-    assert (edit.engine.grad_clip, edit.engine.lr, edit.lr_dm) == (0.5, 1e-4, 1e-4)
-    assert edit.resolved().out_dir == "data/models/rl_edit" and edit.resolved().run_dir == "data/runs/rl_edit"
+    assert (edit.engine.grad_clip, edit.engine.lr, edit.lr_dm) == (0.5, 2e-4, 1e-4)
+    assert edit.resolved().out_dir == "data/models/rl_edit"
+    assert edit.resolved().run_dir.startswith("data/runs/rl_edit/")  # one run directory per training config
     params["rl"]["stepz"] = 3
     path.write_text(yaml.safe_dump(params))
     with pytest.raises(ValueError, match="stepz"):
@@ -188,16 +205,20 @@ def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+    # Without the launcher variables an earlier in-process test may have set (its port may still be bound).
+    base = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    return {**base, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
             "PYTHONPATH": os.pathsep.join([str(WORKER.parent), os.environ.get("PYTHONPATH", "")])}
 
 
 @pytest.mark.slow
 def test_resume_after_a_kill_reproduces_the_uninterrupted_run(root):
     steps = ["--steps", "3", "--checkpoint-every", "1"]
-    full = _run(_worker_cmd(root, "full", *steps), timeout=240)
-    assert full.returncode == 0, full.stderr[-3000:]
+    full = train_rl(rl_config(root, "t2i", "full", steps=3, checkpoint_every=1))  # uninterrupted, in this process
     proc = subprocess.Popen(_worker_cmd(root, "killed", *steps), env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     run_dir = root / "killed" / "run"
@@ -211,10 +232,12 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(root):
     resumed = _run(_worker_cmd(root, "killed", *steps), timeout=240)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed t2i from" in resumed.stdout
-    a = json.loads((root / "full" / "rank0.json").read_text())
     b = json.loads((root / "killed" / "rank0.json").read_text())
-    assert a["steps"] == b["steps"] == 3
-    assert a["trainable_sha256"] == b["trainable_sha256"] and a["saved_digest"] == b["saved_digest"]
+    assert full["steps"] == b["steps"] == 3
+    assert full["trainable_sha256"] == b["trainable_sha256"]
+    from unirl.models import UnifiedModel
+
+    assert param_digest(UnifiedModel.from_pretrained(root / "full" / "model").state_dict()) == b["saved_digest"]
     ra = list(csv.DictReader((root / "full" / "reports" / "reward_curve.csv").open()))
     rb = list(csv.DictReader((root / "killed" / "reports" / "reward_curve.csv").open()))
     assert [r["reward/mean"] for r in ra] == [r["reward/mean"] for r in rb]
@@ -237,3 +260,25 @@ def test_two_process_run_ranks_agree(root):
     init = _weights(root / "sft")
     after = _weights(root / "ddp" / "model")
     assert _changed(init, after, "dit.")
+
+
+@pytest.mark.slow
+def test_deepspeed_backend_trains_the_same_parameters_as_plain_torch(root):
+    proc = _run(_worker_cmd(root, "ds", "--steps", "2", "--backend", "deepspeed"), timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ds = json.loads((root / "ds" / "rank0.json").read_text())
+    plain = train_rl(rl_config(root, "t2i", "plain", steps=2))
+    assert ds["steps"] == plain["steps"] == 2
+    assert ds["trainable_sha256"] == plain["trainable_sha256"]  # ZeRO-2 on CPU, fp32: bit-identical updates
+
+
+def test_eval_prompts_are_balanced_over_tags(root):
+    from unirl.rl.trainer import balanced, load_prompts
+
+    items = [{"tag": t, "i": i} for t in ("b", "a", "c") for i in range(3)]  # stored tag by tag, as shards are
+    assert [(p["tag"], p["i"]) for p in balanced(items, 5)] == [("a", 0), ("b", 0), ("c", 0), ("a", 1), ("b", 1)]
+    assert len(balanced(items, 50)) == 9
+    test = load_prompts(root / "shards", "t2i", "test", limit=4)
+    assert len(test) == 4 and len({p["tag"] for p in test}) == min(4, len({p["tag"] for p in load_prompts(
+        root / "shards", "t2i", "test")}))
+    assert {"key", "images", "prompt", "metadata"} <= set(test[0])

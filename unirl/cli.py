@@ -134,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="all = every benchmark of params.yaml; geneval = score a GenEval image folder")
             p.add_argument("--images", default=None, help="(geneval) folder laid out as GenEval's generation script")
             p.add_argument("--detector", default=None, help="(geneval) detector 'module:callable' (default: Shapes)")
+            p.add_argument("--out", default=None, help="(geneval) also write per-image records (results.jsonl)")
     sub.add_parser("pipeline", help="run every stage in order: " + " -> ".join(PIPELINE))
     return parser
 
@@ -150,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if not args.images:
             raise SystemExit("unirl eval geneval needs --images DIR")
-        return geneval_main(["--images", args.images, *(["--detector", args.detector] if args.detector else [])])
+        extra = [*(["--detector", args.detector] if args.detector else []), *(["--out", args.out] if args.out else [])]
+        return geneval_main(["--images", args.images, *extra])
     overrides = _parse_sets(args.set)
     scenario = getattr(args, "scenario", None)
     if args.show_config:

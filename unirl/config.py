@@ -77,6 +77,20 @@ def _type_hints(cls: type) -> dict[str, Any]:
         return {}
 
 
+def merge_overrides(values: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """``values`` updated with ``overrides``; a dotted key (``engine.backend``) sets a field of a nested section."""
+    out = dict(values)
+    for key, value in (overrides or {}).items():
+        head, _, rest = key.partition(".")
+        if rest:
+            nested = out.get(head)
+            nested = dict(nested) if isinstance(nested, dict) else {}
+            out[head] = merge_overrides(nested, {rest: value})
+        else:
+            out[key] = value
+    return out
+
+
 def load_config(
     cls: type[T], section: str, path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None
 ) -> T:
@@ -89,8 +103,7 @@ def load_config(
     field_names = {f.name for f in dataclasses.fields(cls)}
     if "profile" in field_names and "profile" not in values and "profile" in params:
         values["profile"] = params["profile"]
-    values.update(overrides or {})
-    return from_dict(cls, values, section)
+    return from_dict(cls, merge_overrides(values, overrides), section)
 
 
 def config_help(cls: type) -> dict[str, str]:

@@ -55,6 +55,7 @@ class DMSampling:
     window_size: int = 0  # 0 = every step is SDE
     window_mode: str = "random"
     window_range: tuple[int, int] | None = None
+    shared_noise: bool = False  # the G samples of a conditioning unit start from the same x_0 (DanceGRPO)
 
     @classmethod
     def from_config(cls, cfg: RLConfig, model: UnifiedModel) -> DMSampling:
@@ -63,7 +64,8 @@ class DMSampling:
         return cls(steps=cfg.sde_steps, noise_level=cfg.noise_level,
                    cfg_scale=s.cfg_scale if cfg.cfg_scale is None else float(cfg.cfg_scale),
                    ref_cfg_scale=s.ref_cfg_scale if cfg.ref_cfg_scale is None else float(cfg.ref_cfg_scale),
-                   window_size=cfg.sde_window_size, window_mode=cfg.sde_window_mode, window_range=rng)
+                   window_size=cfg.sde_window_size, window_mode=cfg.sde_window_mode, window_range=rng,
+                   shared_noise=cfg.sde_shared_noise)
 
     def window(self, generator: torch.Generator) -> list[int]:
         """The SDE step indices of one rollout (drawn from ``generator`` in random mode)."""
@@ -131,7 +133,11 @@ def dm_rollout(model: UnifiedModel, texts: Sequence[str], images: Sequence[Any] 
     ref = _reference(model, ref_images, repeat, generator)  # (B, C, H, W) | None
     if window is None:
         window = sampling.window(generator)
-    x = torch.randn((B, *model.latent_shape), generator=generator).to(model.device, torch.float32)  # (B, C, H, W)
+    if sampling.shared_noise:  # one x_0 per unit: reward differences within a group come from the SDE steps only
+        x = torch.randn((n, *model.latent_shape), generator=generator).repeat_interleave(repeat, 0)  # (B, C, H, W)
+    else:
+        x = torch.randn((B, *model.latent_shape), generator=generator)  # (B, C, H, W)
+    x = x.to(model.device, torch.float32)
     sigmas = model.scheduler.sigmas(sampling.steps, device=model.device)  # (T + 1,)
     xs, xns, lps = [], [], []
     in_window = set(window)

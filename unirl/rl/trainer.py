@@ -38,11 +38,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from unirl.config import from_dict, load_params, option, to_dict
+from unirl.config import from_dict, load_params, merge_overrides, option, to_dict
 from unirl.rl.scenario import Scenario, get_scenario
 from unirl.train.engine import EngineConfig
 
-__all__ = ["RLConfig", "derive_seed", "load_prompts", "load_rl_config", "run_rl", "train_rl"]
+__all__ = ["RLConfig", "balanced", "derive_seed", "load_prompts", "load_rl_config", "run_rl", "train_rl"]
 
 
 @dataclasses.dataclass
@@ -80,6 +80,7 @@ class RLConfig:
     sde_window_size: int = option(0, "SDE (trained) steps per rollout, ODE elsewhere; 0 = all steps")
     sde_window_mode: str = option("random", "'random' (start drawn per step) or 'fixed' (start = range start)")
     sde_window_range: list = option([], "[lo, hi): steps the window may cover; empty = all")
+    sde_shared_noise: bool = option(False, "the G samples of a prompt share x_0 (only the SDE steps differ)")
     cfg_scale: float | None = option(None, "text CFG scale in rollout AND loss; null = the model's sampling.cfg_scale")
     ref_cfg_scale: float | None = option(None, "reference CFG scale (editing); null = the model's ref_cfg_scale")
     # --- LM sampling ---
@@ -89,7 +90,7 @@ class RLConfig:
     rewards: dict = option({"geneval": 1.0}, "reward name -> weight (unirl.rewards registry)")
     reward_kwargs: dict = option({}, "reward name -> options (e.g. clip_similarity: {model_path: ...})")
     # --- evaluation ---
-    eval_prompts: int = option(60, "held-out prompts (test split, first N) for evaluate before/after")
+    eval_prompts: int = option(60, "held-out prompts (test split, N balanced over tags) for evaluate before/after")
     eval_seed: int = option(1234, "sampling seed of the evaluation (fixed: before and after see the same noise)")
     eval_steps: int = option(0, "ODE steps of evaluation sampling; 0 = sde_steps")
     eval_batch_size: int = option(32, "prompts per evaluation batch")
@@ -108,8 +109,13 @@ class RLConfig:
         cfg = copy.deepcopy(self)
         cfg.out_dir = cfg.out_dir or f"data/models/rl_{cfg.scenario}"
         cfg.reports_dir = cfg.reports_dir or f"data/reports/rl_{cfg.scenario}"
-        cfg.run_dir = cfg.run_dir or f"data/runs/rl_{cfg.scenario}"
         cfg.experiment = cfg.experiment or f"rl_{cfg.scenario}"
+        if not cfg.run_dir:
+            # One run directory per training configuration: a rerun with the same settings resumes its checkpoints,
+            # a rerun with other settings (e.g. `dvc repro` after a params.yaml change) starts a fresh run.
+            signature = {k: v for k, v in to_dict(cfg).items() if k not in RESUMABLE_CHANGES}
+            digest = hashlib.sha256(json.dumps(signature, sort_keys=True, default=str).encode()).hexdigest()[:12]
+            cfg.run_dir = f"data/runs/rl_{cfg.scenario}/{digest}"
         return cfg
 
 
@@ -135,7 +141,7 @@ def load_rl_config(
     if not isinstance(per, dict):
         raise ValueError("params section rl_scenarios must map scenario names to override mappings")
     values = _merge(section, dict(per.get(scenario) or {}))
-    values = _merge(values, dict(overrides or {}))
+    values = merge_overrides(values, overrides)
     values["scenario"] = scenario
     if "profile" not in values and "profile" in params:
         values["profile"] = params["profile"]
@@ -148,8 +154,30 @@ def derive_seed(*parts: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def balanced(prompts: list[dict], n: int) -> list[dict]:
+    """The first ``n`` prompts taken round-robin over their tags (tags sorted; shard order within a tag).
+
+    Shards store a task's samples tag by tag, so the first ``n`` in file order would all share one tag.
+    """
+    by_tag: dict[str, list[dict]] = {}
+    for p in prompts:
+        by_tag.setdefault(str(p.get("tag", "")), []).append(p)
+    queues = [by_tag[t] for t in sorted(by_tag)]
+    out: list[dict] = []
+    i = 0
+    while len(out) < min(n, len(prompts)):
+        for q in queues:
+            if i < len(q) and len(out) < n:
+                out.append(q[i])
+        i += 1
+    return out
+
+
 def load_prompts(shards_dir: str | os.PathLike, task: str, split: str, limit: int | None = None) -> list[dict]:
-    """Shard samples as prompt dicts: the sample's meta plus ``key`` and ``images`` (extension -> PIL image)."""
+    """Shard samples as prompt dicts: the sample's meta plus ``key`` and ``images`` (extension -> PIL image).
+
+    ``limit`` keeps that many, balanced over tags (:func:`balanced`).
+    """
     from unirl.data.shards import read_samples
 
     task_dir = Path(shards_dir) / task
@@ -158,11 +186,9 @@ def load_prompts(shards_dir: str | os.PathLike, task: str, split: str, limit: in
     out = []
     for s in read_samples(task_dir, split):
         out.append({**s.meta, "key": s.key, "images": dict(s.images)})
-        if limit is not None and len(out) >= limit:
-            break
     if not out:
         raise FileNotFoundError(f"no {split!r} samples in {task_dir}: run `unirl curate` (dvc repro curate)")
-    return out
+    return balanced(out, limit) if limit is not None else out
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -173,14 +199,14 @@ def _world() -> tuple[int, int]:
 
 
 def _all_mean(metrics: dict[str, float]) -> dict[str, float]:
-    """Average each scalar over ranks (all ranks hold the same keys)."""
+    """Average each scalar over the ranks that report it (ranks may log different keys, e.g. data-dependent)."""
     _, world = _world()
-    if world == 1 or not metrics:
+    if world == 1:
         return metrics
-    keys = sorted(metrics)
-    t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)  # (K,)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return {k: float(v) / world for k, v in zip(keys, t.tolist())}
+    gathered: list[dict[str, float] | None] = [None] * world
+    dist.all_gather_object(gathered, {k: float(v) for k, v in metrics.items()})
+    keys = sorted({k for g in gathered for k in g})
+    return {k: sum(g[k] for g in gathered if k in g) / sum(k in g for g in gathered) for k in keys}
 
 
 def _all_min(flag: float) -> float:
@@ -241,7 +267,8 @@ def write_reward_curve(history: list[dict[str, float]], csv_path: Path, png_path
     fig, ax = plt.subplots(figsize=(6, 3.5))
     steps = [r["step"] for r in history]
     for k in [k for k in keys if k.startswith("reward/") and k.endswith("/mean")] or ["reward/mean"]:
-        ax.plot(steps, [r.get(k, math.nan) for r in history], label=k.removeprefix("reward/").removesuffix("/mean"))
+        label = "total (weighted)" if k == "reward/mean" else k.removeprefix("reward/").removesuffix("/mean")
+        ax.plot(steps, [r.get(k, math.nan) for r in history], label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("reward (rollout mean)")
     ax.legend(fontsize=7)
@@ -306,6 +333,7 @@ def train_rl(cfg: RLConfig, scenario: Scenario | None = None) -> dict[str, Any]:
     groups = scenario.param_groups(model)
     engine = build_engine(model, groups, cfg.engine)
     model = engine.module
+    model.eval()  # no dropout anywhere: the loss must see exactly the rollout's computation (gradients still flow)
     train_prompts = load_prompts(cfg.shards_dir, scenario.data_task, "train")
     eval_prompts = load_prompts(cfg.shards_dir, scenario.data_task, "test", limit=cfg.eval_prompts)
 
@@ -318,6 +346,7 @@ def train_rl(cfg: RLConfig, scenario: Scenario | None = None) -> dict[str, Any]:
         ckpt = resume_training(engine, cfg.run_dir)
         if ckpt is not None:
             start, extra = ckpt.step, ckpt.extra
+            _check_resume_config(extra.get("config", {}), to_dict(cfg), ckpt.path)
             history, before, eval_seconds = extra["history"], extra["eval_before"], extra["eval_seconds"]
             nan_steps = int(extra["nan_steps"])
             print(f"[rl] resumed {cfg.scenario} from {ckpt.path} at step {start}", flush=True)
@@ -382,12 +411,19 @@ def train_rl(cfg: RLConfig, scenario: Scenario | None = None) -> dict[str, Any]:
             "trainable_sha256": _digest([(n, state[n]) for n, _ in engine.trainable]),
         }
         if rank == 0:
-            model.save_pretrained(cfg.out_dir)
+            if cfg.engine.backend == "deepspeed":  # ZeRO's parameters are views of flat buffers: save a plain copy
+                final = copy.deepcopy(ref_model)
+                final.load_state_dict(state)
+                final.save_pretrained(cfg.out_dir)
+                del final
+            else:
+                model.save_pretrained(cfg.out_dir)
             reports = Path(cfg.reports_dir)
             _atomic_text(reports / "metrics.json", json.dumps(summary, indent=2))
             if history:
                 fig = write_reward_curve(history, reports / "reward_curve.csv", reports / "reward_curve.png")
                 tracker.log_figure(fig, "reward_curve")
+                tracker.log_artifact(reports / "reward_curve.csv", "plots")
             grid = before_after_grid(scenario, ref_model, model, eval_prompts[: cfg.grid_prompts], cfg.eval_seed)
             if grid is not None:
                 save_image_atomic(grid, reports / "samples_before_after.png")
@@ -401,6 +437,24 @@ def train_rl(cfg: RLConfig, scenario: Scenario | None = None) -> dict[str, Any]:
     except BaseException:
         tracker.finish("FAILED")
         raise
+
+
+# Fields that may change between a run and its resume (budget, bookkeeping); any other change is an error.
+RESUMABLE_CHANGES = frozenset({"steps", "max_minutes", "tracking", "progress", "checkpoint_every", "keep_checkpoints",
+                               "torch_threads", "eval_batch_size", "max_nan_steps", "experiment"})
+
+
+def _check_resume_config(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    from unirl.train.checkpoint import CheckpointError
+
+    diff = sorted(k for k in set(saved) | set(current)
+                  if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
+    if diff:
+        shown = {k: (saved.get(k), current.get(k)) for k in diff[:5]}
+        raise CheckpointError(
+            f"cannot resume from {path}: it was written with a different rl config ({shown}, as (saved, now)); "
+            "delete the run directory to start afresh, set rl.run_dir to another one, or restore those values"
+        )
 
 
 def _train_step(cfg: RLConfig, scenario: Scenario, engine: Any, model: Any, ref_model: Any,

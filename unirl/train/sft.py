@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import copy
 import csv
-import hashlib
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -42,7 +42,7 @@ from unirl.config import option, to_dict
 from unirl.eval.grid import make_grid, save_image_atomic
 from unirl.models.config import load_model_config
 from unirl.models.tokenizer import load_tokenizer
-from unirl.models.unified import UnifiedModel
+from unirl.models.unified import DTYPES, UnifiedModel
 from unirl.tracking import data_version, make_tracker
 from unirl.train import sft_data as D
 from unirl.train.checkpoint import INDEX, CheckpointError, latest_checkpoint, resume_training, save_training_checkpoint
@@ -79,14 +79,14 @@ class SFTConfig:
     lm_task_weights: dict = option({"t2i_cot": 1.0, "understand": 1.0, "prompt_refine": 1.0, "reflect": 1.0},
                                    "LM tasks and their sampling weights")
     # --- DM phase ---
-    dm_steps: int = option(2000, "optimiser steps of the DM phase (0 skips it)")
+    dm_steps: int = option(3000, "optimiser steps of the DM phase (0 skips it)")
     dm_batch_size: int = option(16, "images per micro-batch (per process)")
-    dit_lr: float = option(1e-3, "learning rate of the DiT")
-    connector_lr: float = option(2e-3, "learning rate of the connector")
-    query_lr: float = option(2e-3, "learning rate of the t2i and i2i queries")
+    dit_lr: float = option(2e-3, "learning rate of the DiT")
+    connector_lr: float = option(3e-3, "learning rate of the connector")
+    query_lr: float = option(3e-3, "learning rate of the t2i and i2i queries")
     ref_lr: float = option(1e-3, "learning rate of the reference path (ref patch embed + zero-init projection)")
     edit_fraction: float = option(0.2, "share of DM steps that are edit batches (the rest are t2i)")
-    t2i_tag_weights: dict = option({"single_object": 3.0, "two_object": 1.0, "counting": 1.0, "colors": 1.0,
+    t2i_tag_weights: dict = option({"single_object": 6.0, "two_object": 1.0, "counting": 1.0, "colors": 1.0,
                                     "position": 1.0, "color_attr": 1.0},
                                    "sampling weight of each t2i tag (missing tags weigh 1)")
     drop_text: float = option(0.05, "condition dropout: text only")
@@ -178,6 +178,18 @@ def _write_json(path: Path, obj: Any) -> Path:
     return path
 
 
+# Fields that do not change what is trained (outputs, logging, evaluation, the budget guard): a run may resume
+# with other values of these; any other difference makes the checkpoint belong to another run.
+_RESUMABLE_CHANGES = {"out_dir", "run_dir", "resume_from", "metrics_path", "loss_csv", "loss_plot", "grid_path",
+                      "torch_threads", "checkpoint_interval", "keep_last", "max_minutes", "max_bad_fraction",
+                      "tracking", "experiment", "progress"}
+
+
+def training_signature(cfg: SFTConfig) -> dict[str, Any]:
+    """The config fields a checkpoint must agree on to be resumed (stored in each checkpoint's ``extra``)."""
+    return {k: v for k, v in to_dict(cfg).items() if k not in _RESUMABLE_CHANGES and not k.startswith("eval_")}
+
+
 def _resume_point(cfg: SFTConfig) -> tuple[Path | None, str, int]:
     """(checkpoint, phase, phase step) to resume from, or (None, 'lm', 0) for a fresh run."""
     if cfg.resume_from is not None:
@@ -192,10 +204,16 @@ def _resume_point(cfg: SFTConfig) -> tuple[Path | None, str, int]:
         return None, "lm", 0
     try:
         extra = json.loads((ckpt / INDEX).read_text())["extra"] or {}
-        return ckpt, str(extra["phase"]), int(extra["phase_step"])
+        phase, phase_step, saved = str(extra["phase"]), int(extra["phase_step"]), dict(extra["config"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{ckpt / INDEX} is unreadable or was not written by SFT ({e!r}): delete {ckpt} "
                               "to resume from the previous checkpoint, or empty sft.run_dir to start over") from e
+    now = json.loads(json.dumps(training_signature(cfg)))  # JSON round trip: tuples -> lists, as stored
+    changed = sorted(k for k in set(now) | set(saved) if now.get(k) != saved.get(k))
+    if changed:
+        raise CheckpointError(f"{ckpt} belongs to an SFT run with other settings ({', '.join(changed)} differ): "
+                              f"delete {ckpt.parent} to start a new run, or restore those values to resume it")
+    return ckpt, phase, phase_step
 
 
 def _any_rank(flag: bool) -> bool:
@@ -301,6 +319,7 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     status = "FAILED"
     try:
         stopped_early = False
+        engine: Engine | None = None
         for phase in ("lm", "dm"):
             n_steps = cfg.lm_steps if phase == "lm" else cfg.dm_steps
             offset = 0 if phase == "lm" else cfg.lm_steps
@@ -332,7 +351,8 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
                 if gstep % cfg.checkpoint_interval == 0 or last:
                     losses.write()  # before the checkpoint: a resume keeps the rows up to its step
                     path = save_training_checkpoint(engine, cfg.run_dir, gstep, keep_last=cfg.keep_last,
-                                                    extra={"phase": phase, "phase_step": s + 1})
+                                                    extra={"phase": phase, "phase_step": s + 1,
+                                                           "config": training_signature(cfg)})
                     tracker.log_checkpoint(path, gstep, seed=cfg.seed, data_version=dversion, params=params)
                 if phase == "dm" and main and (gstep % cfg.eval_interval == 0 or last):
                     _log_grid(model, grid_items, cfg, tracker, gstep)
@@ -343,6 +363,7 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
                 break
         bar.close()
         train_minutes = (time.time() - t_start) / 60
+        _detach_from_engine(model, engine)
         summary = _finish(model, cfg, tracker, losses, heldout, grid_items, main, train_minutes, stopped_early)
         status = "FINISHED"
         return summary
@@ -361,6 +382,20 @@ def _log_grid(model: UnifiedModel, items: list[dict], cfg: SFTConfig, tracker: A
     return grid
 
 
+def _detach_from_engine(model: UnifiedModel, engine: Engine | None) -> None:
+    """Give every parameter its own storage in the profile dtype, holding the engine's (fp32 master) values.
+
+    DeepSpeed ZeRO keeps parameters as views of flat buffers (which safetensors refuses to save) and, with bf16,
+    the module in bf16; this is a collective (``model_state_dict`` gathers), so every rank calls it.
+    """
+    state = engine.model_state_dict() if engine is not None else None
+    dtype = DTYPES[model.config.dtype]
+    for p in model.parameters():
+        p.data = p.data.detach().clone().to(dtype)
+    if state is not None:
+        model.load_state_dict(state)
+
+
 def _finish(model: UnifiedModel, cfg: SFTConfig, tracker: Any, losses: _LossLog, heldout: list[dict],
             grid_items: list[dict], main: bool, train_minutes: float, stopped_early: bool) -> dict[str, Any]:
     """Rank 0: save the model, evaluate, write metrics/plots; all ranks: wait for it and return the summary."""
@@ -377,6 +412,7 @@ def _finish(model: UnifiedModel, cfg: SFTConfig, tracker: Any, losses: _LossLog,
         fmt = D.evaluate_lm_format(model, lm_heldout, cfg.eval_lm_per_task, cfg.eval_max_new_tokens)
         metrics = {"geneval": geneval, "lm_format": fmt, "train_minutes": train_minutes,
                    "eval_minutes": (time.time() - t0) / 60, "stopped_early": stopped_early,
+                   "run_url": tracker.run_url(),
                    "final_loss": {p: next((v for s, q, v in reversed(losses.rows) if q == p), None)
                                   for p in ("lm", "dm")}}
         _write_json(Path(cfg.metrics_path), metrics)
@@ -388,7 +424,7 @@ def _finish(model: UnifiedModel, cfg: SFTConfig, tracker: Any, losses: _LossLog,
         flat = {f"eval/{t}/correct": v["correct"] for t, v in geneval["per_tag"].items()}
         flat |= {f"eval/{t}/score": v["score"] for t, v in geneval["per_tag"].items()}
         flat |= {f"eval/format/{t}": v["format_rate"] for t, v in fmt.items()}
-        flat |= {"eval/overall_correct": geneval["overall"]["correct"], "eval/overall_score": geneval["overall"]["score"]}
+        flat |= {f"eval/overall_{k}": v for k, v in geneval["overall"].items()}
         total = cfg.lm_steps + cfg.dm_steps
         tracker.log_metrics(flat, step=total)
         tracker.log_dict(metrics, "sft_metrics.json")

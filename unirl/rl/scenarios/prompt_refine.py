@@ -5,9 +5,10 @@ The four steps (DESIGN.md section 2):
 * **rollout**: the casual request (``meta["prompt"]``) is repeated ``G`` times and the LM samples ``G`` rewrites
   (:func:`unirl.rl.lm_policy.lm_rollout`); the rewrite is the ``<answer>`` content. The frozen generator then draws
   one image per rewrite with the deterministic Euler ODE and the model's CFG (:func:`unirl.rl.dm_policy.sample_ode`,
-  ``rl.sde_steps`` steps, no SDE, no DM log-probs). All ``G`` rewrites of a prompt share one noise seed, so the
-  group's reward differences come from the rewrites alone (common random numbers). A completion without an
-  ``<answer>`` gets the blank canvas (verifier score 0) instead of an image.
+  ``rl.eval_steps`` steps, 0 meaning ``rl.sde_steps``, exactly as in evaluation; no SDE, no DM log-probs). All
+  ``G`` rewrites of a prompt share one noise seed, so the group's reward differences come from the rewrites alone
+  (common random numbers), and identical rewrites are drawn once. A completion without an ``<answer>`` gets the
+  blank canvas (verifier score 0) instead of an image.
 * **score**: ``rl.rewards``: ``geneval`` (the verifier's partial score against the prompt's GenEval metadata) on the
   images + ``format`` on the completions.
 * **advantages**: group-normalised.
@@ -20,10 +21,10 @@ policy's own DM parameters are frozen too (``train_mode = "lm"``; the test check
 
 Evaluation: held-out requests, greedy rewrites, images from the frozen generator with one fixed seed per request
 (``seed + i``): ``geneval_score`` (partial score of the rewrites' images; the headline), ``raw_geneval_score``
-(the same generator and seeds on the raw requests; computed once per run, the generator being fixed),
-``gain_over_raw`` (their difference), the binary versions and
-``format``. The frozen generator is the reference model passed to ``rollout``; an evaluation before any rollout
-(the "before" one) loads the same initial model from ``rl.init_dir``.
+(the same generator and seeds on the raw requests), ``gain_over_raw`` (their difference), the binary versions and
+``format``. Verifier results are cached per (text, prompt, seed): the generator being fixed, the raw requests are
+drawn once per run and a rewrite only when it is new. The frozen generator is the reference model passed to
+``rollout``; an evaluation before any rollout (the "before" one) loads the same initial model from ``rl.init_dir``.
 """
 
 from __future__ import annotations
@@ -51,23 +52,25 @@ class PromptRefineScenario(ScenarioBase):
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
         self.generator_model: Any = None  # the frozen generator (the reference model), set by the first rollout
-        self._raw_scores: dict[tuple[str, int], dict] = {}  # (raw prompt, seed) -> verifier result; never changes
+        self._scores: dict[tuple[str, str, int], dict] = {}  # (text, metadata prompt, seed) -> verifier result
 
     def draw(self, generator_model: Any, texts: list[str | None], seeds: list[int]) -> list:
-        """ODE images of ``texts`` from ``generator_model`` (one seed each); None texts give the blank canvas."""
-        res = generator_model.config.resolution
-        blank = render(Scene(()), res)
-        todo = [i for i, t in enumerate(texts) if t]
-        images = [blank] * len(texts)
+        """ODE images of ``texts`` from ``generator_model`` (one seed each); None texts give the blank canvas.
+
+        Equal (text, seed) pairs (a group's identical rewrites share its seed) are drawn once: the ODE is
+        deterministic, so their images are identical anyway.
+        """
+        blank = render(Scene(()), generator_model.config.resolution)
+        unique = list(dict.fromkeys((t, s) for t, s in zip(texts, seeds) if t))
+        drawn: dict[tuple[str, int], Any] = {}
         bs = max(1, self.cfg.eval_batch_size)
         sampling = DMSampling.from_config(self.cfg, generator_model)
-        for k in range(0, len(todo), bs):
-            idx = todo[k : k + bs]
-            latents = sample_ode(generator_model, [texts[i] for i in idx], None, "t2i", [seeds[i] for i in idx],
+        for k in range(0, len(unique), bs):
+            chunk = unique[k : k + bs]
+            latents = sample_ode(generator_model, [t for t, _ in chunk], None, "t2i", [s for _, s in chunk],
                                  sampling, steps=self.cfg.eval_steps or None)
-            for i, im in zip(idx, generator_model.decode_latents(latents)):
-                images[i] = im
-        return images
+            drawn.update(zip(chunk, generator_model.decode_latents(latents)))
+        return [drawn[(t, s)] if t else blank for t, s in zip(texts, seeds)]
 
     # --- rollout ---
     def rollout(self, model: Any, ref_model: Any, prompts: list[dict], group_size: int,
@@ -114,9 +117,8 @@ class PromptRefineScenario(ScenarioBase):
         gen = self.frozen_generator(model.device)
         texts, rewrites = self.rewrite(model, prompts)
         seeds = [seed + i for i in range(len(prompts))]
-        mds = [p["metadata"] for p in prompts]
-        refined = verifier.score_batch(self.draw(gen, rewrites, seeds), mds)
-        raw = self.raw_scores(gen, prompts, seeds)
+        refined = self.scores(gen, rewrites, prompts, seeds)
+        raw = self.scores(gen, [p["prompt"] for p in prompts], prompts, seeds)
 
         def mean(rs: list[dict], key: str) -> float:
             return sum(float(r[key]) for r in rs) / len(rs)
@@ -131,14 +133,19 @@ class PromptRefineScenario(ScenarioBase):
             "format": sum(fmt) / len(fmt),
         }
 
-    def raw_scores(self, gen: Any, prompts: list[dict], seeds: list[int]) -> list[dict]:
-        """Verifier results of the frozen generator's images from the raw requests (cached: the generator is fixed)."""
-        todo = [i for i, (p, s) in enumerate(zip(prompts, seeds)) if (p["prompt"], s) not in self._raw_scores]
+    def scores(self, gen: Any, texts: list[str | None], prompts: list[dict], seeds: list[int]) -> list[dict]:
+        """Verifier results of the frozen generator's images of ``texts`` against each prompt's metadata.
+
+        Cached per (text, prompt, seed): the generator never changes, so an image is drawn once per run (the raw
+        requests' images in the first evaluation only, a rewrite's image only when the rewrite is new).
+        """
+        keys = [(t or "", p["metadata"]["prompt"], s) for t, p, s in zip(texts, prompts, seeds)]
+        todo = [i for i, k in enumerate(keys) if k not in self._scores]
         if todo:
-            images = self.draw(gen, [prompts[i]["prompt"] for i in todo], [seeds[i] for i in todo])
+            images = self.draw(gen, [texts[i] for i in todo], [seeds[i] for i in todo])
             for i, im in zip(todo, images):
-                self._raw_scores[(prompts[i]["prompt"], seeds[i])] = verifier.score(im, prompts[i]["metadata"])
-        return [self._raw_scores[(p["prompt"], s)] for p, s in zip(prompts, seeds)]
+                self._scores[keys[i]] = verifier.score(im, prompts[i]["metadata"])
+        return [self._scores[k] for k in keys]
 
     @torch.no_grad()
     def preview(self, model: Any, prompts: list[dict], seed: int) -> tuple[list, list[str]]:
