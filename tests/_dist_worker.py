@@ -11,7 +11,6 @@ until the test kills it; with ``--stop-after K`` it exits there.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import random
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _worker_common import param_digest
 from safetensors.torch import save_file
 from torch import nn
 
@@ -84,14 +84,6 @@ def toy_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, stochastic: boo
         x = x + 0.1 * torch.randn_like(x)
         x = x * float(1.0 + 0.1 * np.random.rand()) * (1.0 + 0.1 * random.random())
     return (model(x) - y).pow(2).mean()
-
-
-def param_digest(state: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for name, p in sorted(state.items()):
-        h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def main(argv: list[str] | None = None) -> None:

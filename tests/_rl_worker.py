@@ -7,13 +7,13 @@ directory and writes ``<out>/rank{R}.json`` with a digest of the final parameter
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import random
 import sys
 from pathlib import Path
 
 import torch
+from _worker_common import param_digest
 
 from unirl.data import tasks
 from unirl.data.shards import write_shards
@@ -82,14 +82,6 @@ def rl_config(root: Path, scenario: str, tag: str, **kw) -> RLConfig:
     )
     base.update(kw)
     return RLConfig(**base)
-
-
-def param_digest(state: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for name, p in sorted(state.items()):
-        h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def main(argv: list[str] | None = None) -> int:

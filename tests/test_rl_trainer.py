@@ -273,7 +273,17 @@ def test_deepspeed_backend_trains_the_same_parameters_as_plain_torch(root):
 
 
 def test_eval_prompts_are_balanced_over_tags(root):
-    from unirl.rl.trainer import balanced, load_prompts
+    import random
+    from collections import Counter
+
+    from unirl.rl.trainer import balanced, load_prompts, sample_prompts
+
+    skewed = [{"tag": "common", "i": i} for i in range(90)] + [{"tag": t, "i": 0} for t in ("rare1", "rare2")]
+    counts = Counter(p["tag"] for s in range(60) for p in sample_prompts(skewed, 3, random.Random(s)))
+    assert counts == {"common": 60, "rare1": 60, "rare2": 60}  # every tag equally often, whatever its share
+    drawn = sample_prompts(skewed, 5, random.Random(0))
+    assert len({id(p) for p in drawn}) == 5  # distinct prompts even when tags repeat
+    assert Counter(p["tag"] for p in sample_prompts(skewed, 3, random.Random(1), balance_tags=False))["common"] >= 1
 
     items = [{"tag": t, "i": i} for t in ("b", "a", "c") for i in range(3)]  # stored tag by tag, as shards are
     assert [(p["tag"], p["i"]) for p in balanced(items, 5)] == [("a", 0), ("b", 0), ("c", 0), ("a", 1), ("b", 1)]

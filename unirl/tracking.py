@@ -157,35 +157,10 @@ class UnifiedCheckpointModel(mlflow.pyfunc.PythonModel):
 
 @runtime_checkable
 class Tracker(Protocol):
-    """What training and evaluation code logs through (MLflow or nothing)."""
+    """What training and evaluation code logs through (MLflow or nothing).
 
-    def start(
-        self, run_name: str, params: Mapping[str, Any] | None = None, tags: Mapping[str, str] | None = None
-    ) -> None: ...
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
-    def log_image(self, image: Any, name: str, step: int) -> None: ...
-    def log_figure(self, figure: Any, name: str, step: int | None = None) -> None: ...
-    def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None: ...
-    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None: ...
-    def log_checkpoint(
-        self,
-        ckpt_dir: str | os.PathLike,
-        step: int,
-        *,
-        seed: int | None = None,
-        data_version: str | None = None,
-        params: Mapping[str, Any] | None = None,
-        loader: str = DEFAULT_LOADER,
-        name: str | None = None,
-    ) -> str | None: ...
-    def run_url(self) -> str | None: ...
-    def finish(self, status: str = "FINISHED") -> None: ...
-
-
-class NullTracker:
-    """Does nothing, with :class:`MlflowTracker`'s methods (non-zero ranks, tracking off, tests)."""
-
-    run_id: str | None = None
+    The bodies here do nothing and return ``None``: they are :class:`NullTracker`'s, which subclasses this protocol.
+    """
 
     def start(
         self, run_name: str, params: Mapping[str, Any] | None = None, tags: Mapping[str, str] | None = None
@@ -225,6 +200,15 @@ class NullTracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         return None
+
+
+class NullTracker(Tracker):
+    """Does nothing, with :class:`MlflowTracker`'s methods (non-zero ranks, tracking off, tests).
+
+    Every method is the protocol's no-op body: one signature per method, shared with :class:`Tracker`.
+    """
+
+    run_id: str | None = None
 
 
 CHECKPOINT_REQUIREMENTS: tuple[str, ...] = ("mlflow", "torch", "safetensors", "numpy", "pyyaml")

@@ -264,6 +264,27 @@ def _mark(ok: bool) -> str:
     return "ok" if ok else "x"
 
 
+def _lm_inputs(samples: Sequence[Any], templates: Mapping[str, str] | None) -> tuple[list[dict], list[str]]:
+    """The samples' metas and the LM user turns built from them (:func:`lm_prompt`)."""
+    metas = [s.meta for s in samples]
+    return metas, [lm_prompt(m, templates) for m in metas]
+
+
+def _arm_means(arms: Mapping[str, Sequence[Mapping[str, Any]]], score_name: str,
+               correct_name: str) -> dict[str, float | None]:
+    """Mean partial score, then mean ``correct`` rate, of each arm's verifier results (two arms compared on the
+    same seeds), under ``score_name.format(arm)`` and ``correct_name.format(arm)``, in the order of ``arms``."""
+    out = {score_name.format(a): _mean([j["score"] for j in js]) for a, js in arms.items()}
+    out |= {correct_name.format(a): _mean([float(j["correct"]) for j in js]) for a, js in arms.items()}
+    return out
+
+
+def _previews(images: Sequence[Image.Image], caption: Callable[[int], str], metas: Sequence[Mapping[str, Any]],
+              n: int) -> list[tuple[Image.Image, str, str]]:
+    """``(image, caption(i), prompt)`` of the first ``n`` samples: the report's preview grid."""
+    return [(images[i], caption(i), metas[i]["prompt"]) for i in range(min(n, len(metas)))]
+
+
 # ------------------------------------------------------------------------------------------------- benchmarks
 def bench_geneval(model: UnifiedModel, metadatas: Sequence[Mapping[str, Any]], sampling: Sampling,
                   detector: Detector, images_per_prompt: int = 4, preview_n: int = 6,
@@ -301,16 +322,14 @@ def bench_edit(model: UnifiedModel, samples: Sequence[Any], sampling: Sampling, 
     _per_tag(metrics, "edit", [m["tag"] for m in metas], correct)
     records = [{"tag": m["tag"], "prompt": m["prompt"], "correct": j["correct"], "score": j["score"],
                 "preservation": p, "reason": j["reason"]} for m, j, p in zip(metas, judged, kept)]
-    previews = [(edited[i], _mark(judged[i]["correct"]), metas[i]["prompt"])
-                for i in range(min(preview_n, len(samples)))]
+    previews = _previews(edited, lambda i: _mark(judged[i]["correct"]), metas, preview_n)
     return BenchmarkResult(metrics, previews, records)
 
 
 def bench_cot(model: UnifiedModel, samples: Sequence[Any], sampling: Sampling, detector: Detector,
               preview_n: int = 6, templates: Mapping[str, str] | None = None) -> BenchmarkResult:
     """Reasoning-to-image with the LM's reasoning (hidden states of its completion) and without (raw prompt)."""
-    metas = [s.meta for s in samples]
-    prompts = [lm_prompt(m, templates) for m in metas]
+    metas, prompts = _lm_inputs(samples, templates)
     texts, ids = _greedy(model, prompts, None, sampling)
     seeds = [sample_seed(sampling.seed, i) for i in range(len(samples))]
     with_r = sample_images(model, prompts, seeds, sampling, prefix_ids=ids)
@@ -318,25 +337,19 @@ def bench_cot(model: UnifiedModel, samples: Sequence[Any], sampling: Sampling, d
     mds = [m["metadata"] for m in metas]
     jw, jo = _judge(with_r, mds, detector), _judge(without, mds, detector)
     fmt = format_reward(texts, prompts, metas)
-    metrics = {
-        "cot/with_reasoning": _mean([j["score"] for j in jw]),
-        "cot/without_reasoning": _mean([j["score"] for j in jo]),
-        "cot/with_reasoning_correct": _mean([float(j["correct"]) for j in jw]),
-        "cot/without_reasoning_correct": _mean([float(j["correct"]) for j in jo]),
-        "cot/format": _mean(fmt),
-    }
+    metrics = _arm_means({"with": jw, "without": jo}, "cot/{}_reasoning", "cot/{}_reasoning_correct")
+    metrics["cot/format"] = _mean(fmt)
     records = [{"tag": m["tag"], "prompt": m["prompt"], "completion": t, "with_score": a["score"],
                 "without_score": b["score"]} for m, t, a, b in zip(metas, texts, jw, jo)]
-    previews = [(with_r[i], f"{_mark(jw[i]['correct'])} {extract_answer(texts[i]) or '-'}", metas[i]["prompt"])
-                for i in range(min(preview_n, len(metas)))]
+    previews = _previews(with_r, lambda i: f"{_mark(jw[i]['correct'])} {extract_answer(texts[i]) or '-'}", metas,
+                         preview_n)
     return BenchmarkResult(metrics, previews, records)
 
 
 def bench_vqa(model: UnifiedModel, samples: Sequence[Any], sampling: Sampling, detector: Detector | None = None,
               preview_n: int = 6, templates: Mapping[str, str] | None = None) -> BenchmarkResult:
     """Visual (and text) question answering, greedy: answer accuracy overall and per tag, and the format rate."""
-    metas = [s.meta for s in samples]
-    prompts = [lm_prompt(m, templates) for m in metas]
+    metas, prompts = _lm_inputs(samples, templates)
     texts, _ = _greedy(model, prompts, [s.images.get("png") for s in samples], sampling)
     acc = answer_accuracy(texts, prompts, metas)
     metrics: dict[str, float] = {"vqa/accuracy": _mean(acc), "vqa/format": _mean(format_reward(texts, prompts, metas))}
@@ -351,9 +364,8 @@ def bench_vqa(model: UnifiedModel, samples: Sequence[Any], sampling: Sampling, d
 def bench_reflect(model: UnifiedModel, samples: Sequence[Any], sampling: Sampling, detector: Detector,
                   preview_n: int = 6, templates: Mapping[str, str] | None = None) -> BenchmarkResult:
     """Reflection: verdict accuracy, and the verifier score before and after the LM's correction is applied."""
-    metas = [s.meta for s in samples]
+    metas, prompts = _lm_inputs(samples, templates)
     judged_images = [s.images["png"] for s in samples]
-    prompts = [lm_prompt(m, templates) for m in metas]
     texts, _ = _greedy(model, prompts, judged_images, sampling)
     verdicts = [parse_verdict(t) for t in texts]
     to_edit = [i for i, (v, _) in enumerate(verdicts) if v == "incorrect"]
@@ -369,26 +381,22 @@ def bench_reflect(model: UnifiedModel, samples: Sequence[Any], sampling: Samplin
     right = [float(v == m["verdict"]) for (v, _), m in zip(verdicts, metas)]
     metrics = {
         "reflect/judgement": _mean(right),
-        "reflect/score_before": _mean([j["score"] for j in before]),
-        "reflect/score_after": _mean([j["score"] for j in after]),
-        "reflect/correct_before": _mean([float(j["correct"]) for j in before]),
-        "reflect/correct_after": _mean([float(j["correct"]) for j in after]),
+        **_arm_means({"before": before, "after": after}, "reflect/score_{}", "reflect/correct_{}"),
         "reflect/format": _mean(format_reward(texts, prompts, metas)),
         "reflect/edit_rate": len(to_edit) / len(samples),
     }
     records = [{"tag": m["tag"], "prompt": m["prompt"], "verdict": m["verdict"], "completion": t, "judged": v,
                 "score_before": b["score"], "score_after": a["score"]}
                for m, t, (v, _), b, a in zip(metas, texts, verdicts, before, after)]
-    previews = [(final[i], f"{_mark(right[i] == 1.0)} {extract_answer(texts[i]) or '-'}", metas[i]["prompt"])
-                for i in range(min(preview_n, len(samples)))]
+    previews = _previews(final, lambda i: f"{_mark(right[i] == 1.0)} {extract_answer(texts[i]) or '-'}", metas,
+                         preview_n)
     return BenchmarkResult(metrics, previews, records)
 
 
 def bench_refine(model: UnifiedModel, samples: Sequence[Any], sampling: Sampling, detector: Detector,
                  preview_n: int = 6, templates: Mapping[str, str] | None = None) -> BenchmarkResult:
     """Prompt refinement: images from the LM's rewrite vs from the raw request (same seeds), judged by metadata."""
-    metas = [s.meta for s in samples]
-    prompts = [lm_prompt(m, templates) for m in metas]
+    metas, prompts = _lm_inputs(samples, templates)
     texts, _ = _greedy(model, prompts, None, sampling)
     rewrites = [extract_answer(t) or t for t in texts]
     seeds = [sample_seed(sampling.seed, i) for i in range(len(samples))]
@@ -396,17 +404,11 @@ def bench_refine(model: UnifiedModel, samples: Sequence[Any], sampling: Sampling
     raw = sample_images(model, [m["prompt"] for m in metas], seeds, sampling)
     mds = [m["metadata"] for m in metas]
     jr, jraw = _judge(refined, mds, detector), _judge(raw, mds, detector)
-    metrics = {
-        "refine/score": _mean([j["score"] for j in jr]),
-        "refine/raw_score": _mean([j["score"] for j in jraw]),
-        "refine/correct": _mean([float(j["correct"]) for j in jr]),
-        "refine/raw_correct": _mean([float(j["correct"]) for j in jraw]),
-        "refine/format": _mean(format_reward(texts, prompts, metas)),
-    }
+    metrics = _arm_means({"": jr, "raw_": jraw}, "refine/{}score", "refine/{}correct")
+    metrics["refine/format"] = _mean(format_reward(texts, prompts, metas))
     records = [{"tag": m["tag"], "prompt": m["prompt"], "rewrite": r, "score": a["score"], "raw_score": b["score"]}
                for m, r, a, b in zip(metas, rewrites, jr, jraw)]
-    previews = [(refined[i], f"{_mark(jr[i]['correct'])} {rewrites[i]}", metas[i]["prompt"])
-                for i in range(min(preview_n, len(metas)))]
+    previews = _previews(refined, lambda i: f"{_mark(jr[i]['correct'])} {rewrites[i]}", metas, preview_n)
     return BenchmarkResult(metrics, previews, records)
 
 

@@ -40,8 +40,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from unirl.models.unified import Conditioning, UnifiedModel
     from unirl.rl.trainer import RLConfig
 
-__all__ = ["DMRollout", "DMSampling", "ReplayResult", "dm_loss", "dm_rollout", "replay", "replay_step", "sample_ode",
-           "seeded_noise"]
+__all__ = ["DMRollout", "DMSampling", "ReplayResult", "dm_loss", "dm_rollout", "ode_images", "replay", "replay_step",
+           "sample_ode", "seeded_noise"]
 
 
 @dataclass
@@ -275,3 +275,23 @@ def sample_ode(model: UnifiedModel, texts: Sequence[str], images: Sequence[Any] 
         v = model.guided_velocity(x, sigmas[k], cond, ref, sampling.cfg_scale, sampling.ref_cfg_scale)
         x = ode_step(x, v.float(), sigmas[k], sigmas[k + 1])
     return x
+
+
+def ode_images(model: UnifiedModel, texts: Sequence[str], seeds: Sequence[int], sampling: DMSampling,
+               batch_size: int, sources: Sequence[Any] | None = None, steps: int | None = None,
+               prefix_ids: Sequence[Sequence[int]] | None = None) -> list:
+    """Decoded :func:`sample_ode` images of ``texts`` (seed ``seeds[i]`` for text i), in batches of ``batch_size``.
+
+    ``sources`` (one image per text) are edited: they feed the vision tower and the reference path (task ``i2i``);
+    without them the task is ``t2i``. ``prefix_ids`` follow each prompt before the queries (``t2i_cot``).
+    """
+    task = "t2i" if sources is None else "i2i"
+    images: list = []
+    bs = max(1, batch_size)
+    for i in range(0, len(texts), bs):
+        src = list(sources[i : i + bs]) if sources is not None else None
+        prefix = prefix_ids[i : i + bs] if prefix_ids is not None else None
+        latents = sample_ode(model, list(texts[i : i + bs]), src, task, list(seeds[i : i + bs]), sampling,
+                             ref_images=src, steps=steps, prefix_ids=prefix)
+        images += model.decode_latents(latents)
+    return images

@@ -45,9 +45,9 @@ __all__ = [
     "lm_loss",
     "lm_rollout",
     "lm_rollout_from_samples",
-    "rollout_logprobs",
     "pad_completions",
     "repeat_group",
+    "rollout_logprobs",
     "score_rewards",
 ]
 

@@ -19,18 +19,23 @@ Batch layout: ``B = P * G`` samples grouped consecutively (sample ``i`` belongs 
 ``loss`` stats: scalars (floats) the loop logs as ``loss/<key>``. The monitors the loop expects where they apply:
 ``kl`` (mean KL term), ``clip_fraction``, ``ratio_max_dev`` and, on update 0, ``logprob_gap`` (mean |rollout
 log-prob - recomputed log-prob|; 0 up to float error when rollout and loss use identical inputs).
+
+Shared defaults: :class:`ScenarioBase` (every scenario) and :class:`DMScenarioBase` (the scenarios whose DM samples
+with the SDE: one :class:`~unirl.rl.dm_policy.DMSampling` for rollout, loss and evaluation, the Flow-GRPO loss,
+batched ODE evaluation images); the joint LM + DM scenarios build on the latter (:mod:`unirl.rl.joint`).
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
 from unirl.rewards.registry import combine
+from unirl.rl.dm_policy import DMRollout, DMSampling, dm_loss, ode_images
 from unirl.rl.grpo import group_advantages
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -42,6 +47,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "DM_GROUPS",
     "LM_GROUPS",
+    "DMScenarioBase",
     "SCENARIOS",
     "Rollout",
     "Scenario",
@@ -152,6 +158,52 @@ class ScenarioBase:
     def param_groups(self, model: UnifiedModel) -> list[dict]:
         """Freeze all but ``train_mode``; return the engine's per-expert groups (see :func:`param_groups`)."""
         return param_groups(model, self.train_mode, self.cfg.lr_lm, self.cfg.lr_dm)
+
+    # --- evaluation ---
+    def eval_batches(self, items: Sequence[Any]) -> Iterator[tuple[int, Sequence[Any]]]:
+        """``(i, items[i : i + eval_batch_size])`` over ``items``: the evaluation batches (at least 1 item each)."""
+        bs = max(1, self.cfg.eval_batch_size)
+        for i in range(0, len(items), bs):
+            yield i, items[i : i + bs]
+
+
+class DMScenarioBase(ScenarioBase):
+    """Defaults of the scenarios whose DM samples with the Flow-GRPO SDE (``t2i``, ``edit`` and the joint ones).
+
+    One :class:`DMSampling` from the config serves rollout, loss and evaluation (:meth:`sampling`); the DM loss
+    (:meth:`dm_part`) replays the trajectories :meth:`dm_trajectories` names, and ``loss`` is that loss alone (the
+    joint scenarios add the LM's: :class:`unirl.rl.joint.JointScenarioBase`); :meth:`ode_images` draws evaluation
+    images with the Euler ODE in batches of ``eval_batch_size``.
+    """
+
+    def sampling(self, model: UnifiedModel) -> DMSampling:
+        return DMSampling.from_config(self.cfg, model)
+
+    # --- loss ---
+    def dm_trajectories(self, rollout: Rollout,
+                        advantages: torch.Tensor) -> tuple[list[DMRollout], list[torch.Tensor]]:
+        """The stored DM trajectories the loss replays, each with its samples' advantages: the rollout's ``dm``."""
+        return [rollout.dm], [advantages]
+
+    def dm_part(self, model: UnifiedModel, ref_model: UnifiedModel, rollout: Rollout, advantages: torch.Tensor,
+                update_index: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """L_DM: Flow-GRPO on the stored transitions of :meth:`dm_trajectories`, replayed in ONE batched DiT pass
+        (:func:`unirl.rl.dm_policy.dm_loss`, clip ``rl.clip_eps_dm``, KL weight ``rl.beta_dm``)."""
+        rollouts, advs = self.dm_trajectories(rollout, advantages)
+        return dm_loss(model, ref_model, rollouts, advs, self.cfg.clip_eps_dm, self.cfg.beta_dm, update_index)
+
+    def loss(self, model: UnifiedModel, ref_model: UnifiedModel, rollout: Rollout, advantages: torch.Tensor,
+             update_index: int) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.dm_part(model, ref_model, rollout, advantages, update_index)
+
+    # --- evaluation ---
+    def ode_images(self, model: UnifiedModel, texts: Sequence[str], seeds: Sequence[int],
+                   sources: Sequence[Any] | None = None,
+                   prefix_ids: Sequence[Sequence[int]] | None = None) -> list[Image.Image]:
+        """Euler ODE images of ``texts`` (seed ``seeds[i]`` for text i; ``rl.eval_steps`` steps, 0: the rollout's),
+        editing ``sources`` when given (:func:`unirl.rl.dm_policy.ode_images`)."""
+        return ode_images(model, texts, seeds, self.sampling(model), self.cfg.eval_batch_size, sources=sources,
+                          steps=self.cfg.eval_steps or None, prefix_ids=prefix_ids)
 
 
 def param_groups(model: UnifiedModel, train_mode: str | list[str], lr_lm: float, lr_dm: float) -> list[dict]:

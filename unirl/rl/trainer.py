@@ -42,7 +42,8 @@ from unirl.config import from_dict, load_params, merge_overrides, option, to_dic
 from unirl.rl.scenario import Scenario, get_scenario
 from unirl.train.engine import EngineConfig
 
-__all__ = ["RLConfig", "balanced", "derive_seed", "load_prompts", "load_rl_config", "run_rl", "train_rl"]
+__all__ = ["RLConfig", "balanced", "derive_seed", "load_prompts", "load_rl_config", "run_rl", "sample_prompts",
+           "train_rl"]
 
 
 @dataclasses.dataclass
@@ -64,6 +65,7 @@ class RLConfig:
     prompts_per_step: int = option(4, "prompts per step per process (P)")
     group_size: int = option(4, "samples per prompt (G); advantages are normalised within each group")
     inner_updates: int = option(1, "optimiser updates per rollout batch (1 = on-policy)")
+    balance_tags: bool = option(True, "draw each step's prompts evenly over the task tags (else uniformly)")
     # --- optimiser (per expert) ---
     lr_lm: float = option(1e-5, "learning rate of the LM expert (lm + vision tower)")
     lr_dm: float = option(1e-4, "learning rate of the DM side (DiT, connector, queries, reference path)")
@@ -189,6 +191,28 @@ def load_prompts(shards_dir: str | os.PathLike, task: str, split: str, limit: in
     if not out:
         raise FileNotFoundError(f"no {split!r} samples in {task_dir}: run `unirl curate` (dvc repro curate)")
     return balanced(out, limit) if limit is not None else out
+
+
+def sample_prompts(prompts: list[dict], n: int, rng: random.Random, balance_tags: bool = True) -> list[dict]:
+    """``n`` distinct training prompts. ``balance_tags``: tags are visited in a random order (cycling when ``n``
+    exceeds their number) and one prompt is drawn per visit, so every tag is trained equally often whatever its
+    share of the shards (the held-out metric averages over tags); otherwise uniformly over prompts."""
+    n = min(n, len(prompts))
+    if not balance_tags:
+        return [prompts[i] for i in rng.sample(range(len(prompts)), n)]
+    by_tag: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_tag.setdefault(str(p.get("tag", "")), []).append(i)
+    tags = sorted(by_tag)
+    rng.shuffle(tags)
+    chosen: list[int] = []
+    k = 0
+    while len(chosen) < n:
+        pool = [i for i in by_tag[tags[k % len(tags)]] if i not in chosen]
+        if pool:
+            chosen.append(rng.choice(pool))
+        k += 1
+    return [prompts[i] for i in chosen]
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -460,9 +484,8 @@ def _check_resume_config(saved: dict[str, Any], current: dict[str, Any], path: P
 def _train_step(cfg: RLConfig, scenario: Scenario, engine: Any, model: Any, ref_model: Any,
                 train_prompts: list[dict], step: int, rank: int) -> tuple[dict[str, float], bool]:
     """One GRPO step; returns (monitors, skipped-for-NaN)."""
-    rng = random.Random(derive_seed(cfg.seed, step, rank, 0))
-    prompts = [train_prompts[i] for i in rng.sample(range(len(train_prompts)), min(cfg.prompts_per_step,
-                                                                                  len(train_prompts)))]
+    prompts = sample_prompts(train_prompts, cfg.prompts_per_step, random.Random(derive_seed(cfg.seed, step, rank, 0)),
+                             cfg.balance_tags)
     generator = torch.Generator().manual_seed(derive_seed(cfg.seed, step, rank, 1))
     t0 = time.perf_counter()
     with torch.no_grad():

@@ -31,20 +31,17 @@ import torch
 from unirl.data import verifier
 from unirl.rewards.image import edit_terms
 from unirl.rewards.registry import combine
-from unirl.rl.dm_policy import DMSampling, dm_loss, dm_rollout, sample_ode
-from unirl.rl.scenario import Rollout, ScenarioBase
+from unirl.rl.dm_policy import DMRollout, dm_rollout
+from unirl.rl.scenario import DMScenarioBase, Rollout
 
 __all__ = ["CYCLE_REWARDS", "SCENARIO", "EditScenario"]
 
 CYCLE_REWARDS = frozenset({"cycle_consistency"})  # rewards scored on the reverse edits (reconstructions)
 
 
-class EditScenario(ScenarioBase):
+class EditScenario(DMScenarioBase):
     name = "edit"
     train_mode = "edit"
-
-    def sampling(self, model: Any) -> DMSampling:
-        return DMSampling.from_config(self.cfg, model)
 
     # --- rollout ---
     def rollout(self, model: Any, ref_model: Any, prompts: list[dict], group_size: int,
@@ -82,26 +79,17 @@ class EditScenario(ScenarioBase):
             parts |= p
         return total, parts  # (B,)
 
-    # --- loss ---
-    def loss(self, model: Any, ref_model: Any, rollout: Rollout, advantages: torch.Tensor,
-             update_index: int) -> tuple[torch.Tensor, dict[str, float]]:
-        return dm_loss(model, ref_model, [rollout.dm, rollout.extras["reverse"]], [advantages, advantages],
-                       self.cfg.clip_eps_dm, self.cfg.beta_dm, update_index)
+    # --- loss: DMScenarioBase.loss, one Flow-GRPO loss over both trajectories ---
+    def dm_trajectories(self, rollout: Rollout,
+                        advantages: torch.Tensor) -> tuple[list[DMRollout], list[torch.Tensor]]:
+        """The forward and the reverse edits, each sample's advantage on both."""
+        return [rollout.dm, rollout.extras["reverse"]], [advantages, advantages]
 
     # --- evaluation ---
     def generate(self, model: Any, prompts: list[dict], seed: int) -> list:
         """ODE edits of ``prompts`` (seed ``seed + i`` for edit i), in batches of ``eval_batch_size``."""
-        images: list = []
-        bs = max(1, self.cfg.eval_batch_size)
-        sampling = self.sampling(model)
-        for i in range(0, len(prompts), bs):
-            chunk = prompts[i : i + bs]
-            src = [p["images"]["src.png"] for p in chunk]
-            latents = sample_ode(model, [p["prompt"] for p in chunk], src, "i2i",
-                                 [seed + i + j for j in range(len(chunk))], sampling, ref_images=src,
-                                 steps=self.cfg.eval_steps or None)
-            images += model.decode_latents(latents)
-        return images
+        return self.ode_images(model, [p["prompt"] for p in prompts], [seed + i for i in range(len(prompts))],
+                               sources=[p["images"]["src.png"] for p in prompts])
 
     @torch.no_grad()
     def evaluate(self, model: Any, prompts: list[dict], seed: int) -> dict[str, float]:

@@ -36,7 +36,7 @@ import torch
 from unirl.data import verifier
 from unirl.data.shapes import Scene, render
 from unirl.rewards.text import extract_answer, format_reward
-from unirl.rl.dm_policy import DMSampling, sample_ode
+from unirl.rl.dm_policy import DMSampling, ode_images
 from unirl.rl.lm_policy import TEXT_REWARDS, lm_loss, lm_rollout, score_rewards
 from unirl.rl.scenario import Rollout, ScenarioBase
 from unirl.rl.scenarios.understand import greedy_texts
@@ -62,14 +62,10 @@ class PromptRefineScenario(ScenarioBase):
         """
         blank = render(Scene(()), generator_model.config.resolution)
         unique = list(dict.fromkeys((t, s) for t, s in zip(texts, seeds) if t))
-        drawn: dict[tuple[str, int], Any] = {}
-        bs = max(1, self.cfg.eval_batch_size)
-        sampling = DMSampling.from_config(self.cfg, generator_model)
-        for k in range(0, len(unique), bs):
-            chunk = unique[k : k + bs]
-            latents = sample_ode(generator_model, [t for t, _ in chunk], None, "t2i", [s for _, s in chunk],
-                                 sampling, steps=self.cfg.eval_steps or None)
-            drawn.update(zip(chunk, generator_model.decode_latents(latents)))
+        images = ode_images(generator_model, [t for t, _ in unique], [s for _, s in unique],
+                            DMSampling.from_config(self.cfg, generator_model), self.cfg.eval_batch_size,
+                            steps=self.cfg.eval_steps or None)
+        drawn = dict(zip(unique, images))
         return [drawn[(t, s)] if t else blank for t, s in zip(texts, seeds)]
 
     # --- rollout ---

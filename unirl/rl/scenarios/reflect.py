@@ -14,11 +14,11 @@ The four steps (DESIGN.md sections 1 "Joint" and 2):
 * **score**: ``rl.rewards``: ``geneval`` (verifier partial score of the FINAL image against the prompt's GenEval
   metadata) + ``judgement`` (the verdict matches the ground truth, :mod:`unirl.rewards.judge`) + ``format``.
 * **advantages**: group-normalised; the same ``A_i`` for the LM tokens and the DM steps of sample ``i``.
-* **loss**: ONE joint loss ``L_LM + L_DM`` (one backward): the LM GRPO loss on all ``B`` judgements plus the
-  Flow-GRPO loss on the transitions of the samples that were edited (none: ``L_DM = 0``). The replay re-encodes
-  instruction + image + ``i2i`` queries with gradient, so the DM loss also reaches the LM (and its vision tower).
-  Trained: LM + vision tower + DiT + connector + ``i2i`` queries + reference path; learning rates ``rl.lr_lm``
-  and ``rl.lr_dm``.
+* **loss**: ONE joint loss ``L_LM + L_DM`` (one backward; :class:`unirl.rl.joint.JointScenarioBase`): the LM GRPO
+  loss on all ``B`` judgements plus the Flow-GRPO loss on the transitions of the samples that were edited (none:
+  ``L_DM = 0``). The replay re-encodes instruction + image + ``i2i`` queries with gradient, so the DM loss also
+  reaches the LM (and its vision tower). Trained: LM + vision tower + DiT + connector + ``i2i`` queries + reference
+  path; learning rates ``rl.lr_lm`` and ``rl.lr_dm``.
 
 Evaluation: held-out curated samples, greedy judgements, ODE edits with one fixed seed per sample (``seed + i``):
 ``judgement_accuracy`` (headline), ``final_score`` / ``uncorrected_score`` (verifier partial score of the final
@@ -36,22 +36,18 @@ import torch
 from unirl.data import verifier
 from unirl.rewards.judge import judgement_reward, parse_judgement
 from unirl.rewards.text import format_reward
-from unirl.rl.dm_policy import DMSampling, dm_loss, dm_rollout, sample_ode
-from unirl.rl.lm_policy import TEXT_REWARDS, LMRollout, lm_loss, lm_rollout, score_rewards
-from unirl.rl.scenario import Rollout, ScenarioBase
-from unirl.rl.scenarios.t2i_cot import prefixed
+from unirl.rl.dm_policy import DMRollout, dm_rollout, sample_ode
+from unirl.rl.joint import JointScenarioBase
+from unirl.rl.lm_policy import LMRollout, lm_rollout
+from unirl.rl.scenario import Rollout
 
 __all__ = ["SCENARIO", "ReflectScenario"]
 
 
-class ReflectScenario(ScenarioBase):
+class ReflectScenario(JointScenarioBase):
     name = "reflect"
     train_mode = ["lm", "vision", "dit", "connector", "i2i_queries", "ref"]
-    text_rewards: frozenset[str] = TEXT_REWARDS  # rewards scored on the completions; the others on images
     own_generation_share: float = 0.25  # share of prompts judged on the policy's own T2I image instead of a render
-
-    def sampling(self, model: Any) -> DMSampling:
-        return DMSampling.from_config(self.cfg, model)
 
     def with_own_generations(self, model: Any, prompts: list[dict], generator: torch.Generator) -> list[dict]:
         """Replace the image of about ``own_generation_share`` of the prompts by the policy's own T2I sample."""
@@ -93,45 +89,34 @@ class ReflectScenario(ScenarioBase):
         return Rollout(prompts=list(prompts), group_size=group_size, lm=lm, dm=dm, images=finals, texts=lm.texts,
                        extras={"edit_index": edit_index})
 
-    # --- score ---
-    def score(self, rollout: Rollout) -> tuple[torch.Tensor, dict[str, list[float]]]:
-        metas = rollout.sample_metas()
-        return score_rewards(self.cfg.rewards, rollout.texts, rollout.images, [m["prompt"] for m in metas], metas,
-                             self.text_rewards)
+    # --- score: JointScenarioBase (mixed rewards) ---
 
-    # --- loss ---
-    def lm_part(self, model: Any, rollout: Rollout, advantages: torch.Tensor,
-                update_index: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """L_LM: the token-level GRPO loss of the judgements."""
-        return lm_loss(model, rollout.lm, advantages, self.cfg.clip_eps_lm, self.cfg.beta_lm, update_index)
+    # --- loss: JointScenarioBase's L_LM + L_DM, the DM part on the edited samples only ---
+    def dm_trajectories(self, rollout: Rollout,
+                        advantages: torch.Tensor) -> tuple[list[DMRollout], list[torch.Tensor]]:
+        """The edits' trajectories, with the advantages of the samples that asked for them."""
+        idx = torch.tensor(rollout.extras["edit_index"], device=advantages.device)
+        return [rollout.dm], [advantages[idx]]
 
     def dm_part(self, model: Any, ref_model: Any, rollout: Rollout, advantages: torch.Tensor,
                 update_index: int) -> tuple[torch.Tensor, dict[str, float]]:
         """L_DM: Flow-GRPO on the edited samples' transitions (0 when no sample asked for an edit)."""
         if rollout.dm is None:
             return advantages.new_zeros(()), {}
-        idx = torch.tensor(rollout.extras["edit_index"], device=advantages.device)
-        return dm_loss(model, ref_model, [rollout.dm], [advantages[idx]], self.cfg.clip_eps_dm, self.cfg.beta_dm,
-                       update_index)
+        return super().dm_part(model, ref_model, rollout, advantages, update_index)
 
     def loss(self, model: Any, ref_model: Any, rollout: Rollout, advantages: torch.Tensor,
              update_index: int) -> tuple[torch.Tensor, dict[str, float]]:
-        l_lm, s_lm = self.lm_part(model, rollout, advantages, update_index)
-        l_dm, s_dm = self.dm_part(model, ref_model, rollout, advantages, update_index)
-        stats = prefixed(s_lm, "lm") | prefixed(s_dm, "dm")
-        stats |= {"lm/loss": float(l_lm.detach()), "dm/loss": float(l_dm.detach()),
-                  "edit_fraction": len(rollout.extras["edit_index"]) / max(rollout.batch_size, 1)}
-        return l_lm + l_dm, stats
+        total, stats = super().loss(model, ref_model, rollout, advantages, update_index)
+        stats["edit_fraction"] = len(rollout.extras["edit_index"]) / max(rollout.batch_size, 1)
+        return total, stats
 
     # --- evaluation ---
     def judge_and_correct(self, model: Any, prompts: list[dict], seed: int) -> tuple[list[str], list]:
         """Greedy judgements and the final images (ODE edit with seed ``seed + i``, or the judged image)."""
         texts: list[str] = []
         finals: list = []
-        bs = max(1, self.cfg.eval_batch_size)
-        sampling = self.sampling(model)
-        for i in range(0, len(prompts), bs):
-            chunk = prompts[i : i + bs]
+        for i, chunk in self.eval_batches(prompts):
             judged = [p["images"]["png"] for p in chunk]
             out = model.sample_text([p["prompt"] for p in chunk], judged, max_new_tokens=self.cfg.max_new_tokens,
                                     temperature=0.0).texts
@@ -139,10 +124,9 @@ class ReflectScenario(ScenarioBase):
             idx = [j for j, v in enumerate(parsed) if v is not None and v[0] == "incorrect"]
             final = list(judged)
             if idx:
-                src = [judged[j] for j in idx]
-                latents = sample_ode(model, [parsed[j][1] for j in idx], src, "i2i", [seed + i + j for j in idx],
-                                     sampling, ref_images=src, steps=self.cfg.eval_steps or None)
-                for j, im in zip(idx, model.decode_latents(latents)):
+                edits = self.ode_images(model, [parsed[j][1] for j in idx], [seed + i + j for j in idx],
+                                        sources=[judged[j] for j in idx])
+                for j, im in zip(idx, edits):
                     final[j] = im
             texts += out
             finals += final

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 from unirl.data import verifier
-from unirl.rl.dm_policy import DMSampling, dm_loss, dm_rollout, sample_ode
-from unirl.rl.scenario import Rollout, ScenarioBase
+from unirl.rl.dm_policy import dm_rollout
+from unirl.rl.scenario import DMScenarioBase, Rollout
 
 __all__ = ["SCENARIO", "T2IScenario", "geneval_metrics"]
 
@@ -44,12 +44,9 @@ def geneval_metrics(results: list[dict[str, Any]], tags: list[str]) -> dict[str,
     return out
 
 
-class T2IScenario(ScenarioBase):
+class T2IScenario(DMScenarioBase):
     name = "t2i"
     train_mode = "t2i"
-
-    def sampling(self, model: Any) -> DMSampling:
-        return DMSampling.from_config(self.cfg, model)
 
     # --- rollout ---
     def rollout(self, model: Any, ref_model: Any, prompts: list[dict], group_size: int,
@@ -63,25 +60,12 @@ class T2IScenario(ScenarioBase):
         metas = rollout.sample_metas()
         return rollout.images, [m["prompt"] for m in metas], metas
 
-    # --- loss ---
-    def loss(self, model: Any, ref_model: Any, rollout: Rollout, advantages: torch.Tensor,
-             update_index: int) -> tuple[torch.Tensor, dict[str, float]]:
-        return dm_loss(model, ref_model, [rollout.dm], [advantages], self.cfg.clip_eps_dm, self.cfg.beta_dm,
-                       update_index)
+    # --- loss: DMScenarioBase.loss, Flow-GRPO on rollout.dm ---
 
     # --- evaluation ---
     def generate(self, model: Any, prompts: list[dict], seed: int) -> list:
         """ODE samples for ``prompts`` (seed ``seed + i`` for prompt i), in batches of ``eval_batch_size``."""
-        images: list = []
-        bs = max(1, self.cfg.eval_batch_size)
-        sampling = self.sampling(model)
-        for i in range(0, len(prompts), bs):
-            chunk = prompts[i : i + bs]
-            latents = sample_ode(model, [p["prompt"] for p in chunk], None, "t2i",
-                                 [seed + i + j for j in range(len(chunk))], sampling,
-                                 steps=self.cfg.eval_steps or None)
-            images += model.decode_latents(latents)
-        return images
+        return self.ode_images(model, [p["prompt"] for p in prompts], [seed + i for i in range(len(prompts))])
 
     @torch.no_grad()
     def evaluate(self, model: Any, prompts: list[dict], seed: int) -> dict[str, float]:

@@ -11,11 +11,12 @@ The four steps (DESIGN.md sections 1 "Joint" and 2):
 * **score**: ``rl.rewards``: ``geneval`` (verifier partial score of the image against the GenEval metadata of the
   resolved scene) + ``format`` on the completion.
 * **advantages**: group-normalised; the same ``A_i`` for every LM token and every DM step of sample ``i``.
-* **loss**: ONE joint loss ``L = L_LM + L_DM`` (one backward, by the loop): the LM GRPO loss on the completion
-  tokens (:func:`unirl.rl.lm_policy.lm_loss`) plus the Flow-GRPO loss on the stored transitions
-  (:func:`unirl.rl.dm_policy.dm_loss`), whose replay re-encodes prompt + completion + queries WITH gradient, so the
-  DM loss reaches the LM weights through the query hidden states. Trained: LM + DiT + connector + ``t2i`` queries,
-  with separate learning rates (``rl.lr_lm`` for the LM group, ``rl.lr_dm`` for the DM group).
+* **loss**: ONE joint loss ``L = L_LM + L_DM`` (one backward, by the loop; :class:`unirl.rl.joint.JointScenarioBase`):
+  the LM GRPO loss on the completion tokens (:func:`unirl.rl.lm_policy.lm_loss`) plus the Flow-GRPO loss on the
+  stored transitions (:func:`unirl.rl.dm_policy.dm_loss`), whose replay re-encodes prompt + completion + queries
+  WITH gradient, so the DM loss reaches the LM weights through the query hidden states. Trained: LM + DiT +
+  connector + ``t2i`` queries, with separate learning rates (``rl.lr_lm`` for the LM group, ``rl.lr_dm`` for the DM
+  group).
 
 Evaluation: held-out reasoning prompts, greedy completions, Euler ODE images conditioned on prompt + completion +
 queries with one fixed seed per prompt (``seed + i``): ``geneval_score`` (headline), ``geneval_correct``,
@@ -31,25 +32,17 @@ import torch
 
 from unirl.data import verifier
 from unirl.rewards.text import format_reward
-from unirl.rl.dm_policy import DMSampling, dm_loss, dm_rollout, sample_ode
-from unirl.rl.lm_policy import TEXT_REWARDS, LMRollout, lm_loss, lm_rollout, score_rewards
-from unirl.rl.scenario import Rollout, ScenarioBase
+from unirl.rl.dm_policy import dm_rollout
+from unirl.rl.joint import JointScenarioBase
+from unirl.rl.lm_policy import LMRollout, lm_rollout
+from unirl.rl.scenario import Rollout
 
-__all__ = ["SCENARIO", "T2ICoTScenario", "prefixed"]
-
-
-def prefixed(stats: dict[str, float], prefix: str) -> dict[str, float]:
-    """``{"kl": x} -> {"<prefix>/kl": x}`` (the joint scenarios log both experts' monitors)."""
-    return {f"{prefix}/{k}": v for k, v in stats.items()}
+__all__ = ["SCENARIO", "T2ICoTScenario"]
 
 
-class T2ICoTScenario(ScenarioBase):
+class T2ICoTScenario(JointScenarioBase):
     name = "t2i_cot"
     train_mode = ["lm", "dit", "connector", "t2i_queries"]
-    text_rewards: frozenset[str] = TEXT_REWARDS  # rewards scored on the completions; the others on images
-
-    def sampling(self, model: Any) -> DMSampling:
-        return DMSampling.from_config(self.cfg, model)
 
     # --- rollout ---
     def rollout(self, model: Any, ref_model: Any, prompts: list[dict], group_size: int,
@@ -66,46 +59,18 @@ class T2ICoTScenario(ScenarioBase):
         return Rollout(prompts=list(prompts), group_size=group_size, lm=lm, dm=dm, texts=lm.texts,
                        images=model.decode_latents(dm.final))
 
-    # --- score ---
-    def score(self, rollout: Rollout) -> tuple[torch.Tensor, dict[str, list[float]]]:
-        metas = rollout.sample_metas()
-        return score_rewards(self.cfg.rewards, rollout.texts, rollout.images, [m["prompt"] for m in metas], metas,
-                             self.text_rewards)
-
-    # --- loss ---
-    def lm_part(self, model: Any, rollout: Rollout, advantages: torch.Tensor,
-                update_index: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """L_LM: the token-level GRPO loss of the completions."""
-        return lm_loss(model, rollout.lm, advantages, self.cfg.clip_eps_lm, self.cfg.beta_lm, update_index)
-
-    def dm_part(self, model: Any, ref_model: Any, rollout: Rollout, advantages: torch.Tensor,
-                update_index: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """L_DM: Flow-GRPO on the stored transitions (conditioning re-encoded with gradient through the LM)."""
-        return dm_loss(model, ref_model, [rollout.dm], [advantages], self.cfg.clip_eps_dm, self.cfg.beta_dm,
-                       update_index)
-
-    def loss(self, model: Any, ref_model: Any, rollout: Rollout, advantages: torch.Tensor,
-             update_index: int) -> tuple[torch.Tensor, dict[str, float]]:
-        l_lm, s_lm = self.lm_part(model, rollout, advantages, update_index)
-        l_dm, s_dm = self.dm_part(model, ref_model, rollout, advantages, update_index)
-        stats = prefixed(s_lm, "lm") | prefixed(s_dm, "dm")
-        stats |= {"lm/loss": float(l_lm.detach()), "dm/loss": float(l_dm.detach())}
-        return l_lm + l_dm, stats
+    # --- score and loss: JointScenarioBase (mixed rewards; L_LM + L_DM on rollout.dm, re-encoded with gradient) ---
 
     # --- evaluation ---
     def generate(self, model: Any, prompts: list[dict], seed: int) -> tuple[list[str], list]:
         """Greedy completions and the images conditioned on them (seed ``seed + i`` for prompt i)."""
         texts: list[str] = []
         images: list = []
-        bs = max(1, self.cfg.eval_batch_size)
-        sampling = self.sampling(model)
-        for i in range(0, len(prompts), bs):
-            chunk = [p["prompt"] for p in prompts[i : i + bs]]
+        for i, chunk in self.eval_batches([p["prompt"] for p in prompts]):
             out = model.sample_text(chunk, None, max_new_tokens=self.cfg.max_new_tokens, temperature=0.0)
-            latents = sample_ode(model, chunk, None, "t2i", [seed + i + j for j in range(len(chunk))], sampling,
-                                 steps=self.cfg.eval_steps or None, prefix_ids=out.completion_ids)
             texts += out.texts
-            images += model.decode_latents(latents)
+            images += self.ode_images(model, chunk, [seed + i + j for j in range(len(chunk))],
+                                      prefix_ids=out.completion_ids)
         return texts, images
 
     @torch.no_grad()
