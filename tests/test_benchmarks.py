@@ -216,7 +216,7 @@ def test_run_eval_writes_results_tables_grids_and_one_mlflow_run(world, tmp_path
     assert on_disk["checkpoints"]["rl_t2i"] == sft  # same weights, same prompts, same seeds
     sampling = on_disk["settings"]["benchmarks"]["geneval"]["sampling"]["sft"]
     keys = ("steps", "cfg_scale", "resolution", "seed")
-    assert {k: sampling[k] for k in keys} == {"steps": 2, "cfg_scale": 3.0, "resolution": 32, "seed": 0}
+    assert {k: sampling[k] for k in keys} == {"steps": 2, "cfg_scale": 2.0, "resolution": 32, "seed": 0}
     assert "zeroed" in sampling["unconditional"] and sampling["decoding"].startswith("greedy")
     assert set(on_disk["settings"]["benchmarks"]) == set(BENCHMARKS)
 

@@ -50,7 +50,7 @@ from unirl.train.distributed import barrier, default_device, init_distributed
 from unirl.train.engine import Engine, EngineConfig, build_engine
 from unirl.train.losses import flow_matching_loss, lm_loss
 
-__all__ = ["SFTConfig", "param_digest", "run_sft"]
+__all__ = ["SFTConfig", "param_digest", "resolve_run_dir", "run_sft"]
 
 
 @dataclass
@@ -62,7 +62,10 @@ class SFTConfig:
     shards_dir: str = option("data/shards", "curated task shards (output of the curate stage)")
     tokenizer_dir: str = option("data/tokenizer", "trained tokenizer (output of the tokenizer stage)")
     out_dir: str = option("data/models/sft", "final model directory (save_pretrained, tokenizer included)")
-    run_dir: str = option("data/runs/sft", "step checkpoints; a run resumes from the newest one here")
+    run_dir: str = option("", "step checkpoints; a run resumes from the newest one here. Empty: "
+                               "data/runs/sft/<hash of the training settings>, so a rerun with other settings "
+                               "(e.g. `dvc repro` after a params.yaml change) starts afresh and one with the same "
+                               "settings resumes")
     resume_from: str | None = option(None, "explicit checkpoint (step dir or run dir) to resume from; must exist")
     metrics_path: str = option("data/metrics/sft.json", "held-out evaluation metrics (JSON)")
     loss_csv: str = option("data/plots/sft_loss.csv", "per-step losses (CSV: step, phase, loss)")
@@ -190,6 +193,14 @@ def training_signature(cfg: SFTConfig) -> dict[str, Any]:
     return {k: v for k, v in to_dict(cfg).items() if k not in _RESUMABLE_CHANGES and not k.startswith("eval_")}
 
 
+def resolve_run_dir(cfg: SFTConfig) -> SFTConfig:
+    """``cfg`` with an empty ``run_dir`` filled in as ``data/runs/sft/<12 hex digits of the training signature>``."""
+    if cfg.run_dir:
+        return cfg
+    blob = json.dumps(training_signature(cfg), sort_keys=True, default=str).encode()
+    return dataclasses.replace(cfg, run_dir=f"data/runs/sft/{hashlib.sha256(blob).hexdigest()[:12]}")
+
+
 def _resume_point(cfg: SFTConfig) -> tuple[Path | None, str, int]:
     """(checkpoint, phase, phase step) to resume from, or (None, 'lm', 0) for a fresh run."""
     if cfg.resume_from is not None:
@@ -288,6 +299,7 @@ def _dm_step(engine: Engine, cfg: SFTConfig, data: D.DMData, tag_index: dict, st
 def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     """Train (LM phase, then DM phase), save ``out_dir``, evaluate on held-out prompts; return a summary."""
     t_start = time.time()
+    cfg = resolve_run_dir(cfg)
     if cfg.torch_threads > 0:
         torch.set_num_threads(cfg.torch_threads)
     info = init_distributed()
