@@ -49,8 +49,14 @@ mlflow-ui: setup
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow/mlflow.db \
 		--default-artifact-root $(CURDIR)/mlflow/artifacts -h 127.0.0.1 -p 5000
 
+# CPU benchmarks (each prints ratios measured side by side in one run; the last line of each is JSON).
 bench: setup
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[bench]'
 	$(PY) bench/curate.py
+	$(PY) bench/verifier_accuracy.py
+	$(PY) bench/sft.py
+	$(PY) bench/dm_rl.py
+	$(PY) bench/lm_grpo.py
 
 clean:
 	rm -rf data/shards data/tokenizer data/models data/eval .dagster/storage
