@@ -7,7 +7,9 @@
    ``negative_prompt_embeds``: our unconditional branch), ``output_type="latent"`` skips decoding, and since a
    VAE-less pipeline assumes a spatial factor of 32, ``height = width = 32 x latent side`` makes it draw latents of
    our pixel-space size. Its ``FlowMatchEulerDiscreteScheduler`` gets our unshifted grid as ``sigmas`` with our
-   shift, i.e. exactly our sigmas (checked: the pipeline's ODE latents equal our ODE sampler's from the same noise).
+   shift, i.e. exactly our sigmas. With an untrained (zero-initialised) reference path the pipeline's ODE latents
+   equal our ODE sampler's from the same noise; after SFT they differ, because our t2i velocity includes the trained
+   reference path applied to a zero reference (a learned bias) that the pipeline's plain DiT call lacks.
 2. **Batched replay vs per-step loop.** Forward + backward of the DM GRPO loss over all G*T stored transitions in
    ONE batched DiT pass (conditioning once per prompt) against the reference code's loop: one DiT pass + backward
    per timestep (conditioning recomputed per step), gradients accumulated. Both give the same gradient.
