@@ -57,6 +57,8 @@ bench: setup
 	$(PY) bench/sft.py
 	$(PY) bench/dm_rl.py
 	$(PY) bench/lm_grpo.py
+	@if [ -d data/models/sft ]; then $(PY) bench/sft_conditioning.py; \
+	else echo 'bench/sft_conditioning.py skipped: no data/models/sft (run make pipeline first)'; fi
 
 clean:
 	rm -rf data/shards data/tokenizer data/models data/eval .dagster/storage
