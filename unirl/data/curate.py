@@ -18,12 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from unirl.config import option
 from unirl.data import tasks as task_lib
 from unirl.data import verifier
 from unirl.data.shards import write_manifest, write_shards
+from unirl.progress import progress_bar
 
 SPLITS = ("train", "val", "test")
 
@@ -115,7 +114,7 @@ def curate_task(cfg: CurateConfig, task: str, progress: bool = True) -> dict[str
     tags = task_lib.TAGS[task]
     samples: list[task_lib.Sample] = []
     agree: Counter = Counter()
-    bar = tqdm(total=n * len(tags), desc=f"curate {task}", unit="sample", disable=not progress, leave=False)
+    bar = progress_bar(total=n * len(tags), desc=f"curate {task}", unit="sample", disable=not progress, leave=False)
     for tag in tags:
         rng = random.Random(f"{cfg.seed}|{task}|{tag}")
         for _ in range(n):
@@ -186,7 +185,7 @@ def finalize(cfg: CurateConfig, progress: bool = True) -> dict[str, Any]:
     manifest: dict[str, Any] = {"resolution": cfg.resolution, "seed": cfg.seed, "tasks": {}}
     lines: list[str] = []
     previews, captions = [], []
-    for task in tqdm(cfg.tasks, desc="corpus", unit="task", disable=not progress):
+    for task in progress_bar(cfg.tasks, desc="corpus", unit="task", disable=not progress):
         path = task_dir(cfg, task) / "manifest.json"
         if not path.exists():
             raise FileNotFoundError(f"{path} is missing: curate task {task!r} first (`unirl curate --task {task}`)")
@@ -224,7 +223,7 @@ def export_geneval_metadata(cfg: CurateConfig, split: str = "test") -> tuple[Pat
 
 def curate(cfg: CurateConfig, progress: bool = True) -> dict[str, Any]:
     """Run the whole stage: every task's shards, then :func:`finalize` and the GenEval prompt file."""
-    for task in tqdm(cfg.tasks, desc="curate", unit="task", disable=not progress):
+    for task in progress_bar(cfg.tasks, desc="curate", unit="task", disable=not progress):
         curate_task(cfg, task, progress=progress)
     manifest = finalize(cfg, progress=progress)
     if "t2i" in cfg.tasks:
@@ -254,7 +253,7 @@ def import_datasets(
     for kind, paths, reader in (("t2i", captions, import_caption_tars), ("edit", edits, import_edit_parquet)):
         if not paths:
             continue
-        records = list(tqdm(reader(paths, cfg.resolution), desc=f"import {kind}", unit="sample"))
+        records = list(progress_bar(reader(paths, cfg.resolution), desc=f"import {kind}", unit="sample"))
         split_of = assign_splits({"": [r.meta["prompt"] for r in records]}, cfg.split_fractions, cfg.seed, name)
         counters: Counter = Counter()
 

@@ -191,9 +191,8 @@ def side_by_side(rows: list[list[tuple[Any, str]]]) -> Any | None:
 
 def run_benchmark(cfg: EvalConfig, benchmark: str, progress: bool = True) -> dict[str, Any]:
     """Evaluate every existing checkpoint on one benchmark; writes ``benchmarks/<name>.json`` and its grid."""
-    from tqdm.auto import tqdm
-
     from unirl.models.unified import UnifiedModel
+    from unirl.progress import progress_bar
 
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
@@ -211,7 +210,7 @@ def run_benchmark(cfg: EvalConfig, benchmark: str, progress: bool = True) -> dic
     result: dict[str, Any] = {"benchmark": benchmark, "n_prompts": len(items), "metrics": {}, "settings": {},
                               "timing_s": {}, "skipped": skipped, "records": {}}
     rows: list[list[tuple[Any, str]]] = [r for r in [_input_row(benchmark, items, cfg.preview_prompts)] if r]
-    for name, path in tqdm(ckpts.items(), desc=f"eval {benchmark}", unit="ckpt", disable=not progress):
+    for name, path in progress_bar(ckpts.items(), desc=f"eval {benchmark}", unit="ckpt", disable=not progress):
         t0 = time.perf_counter()
         model = UnifiedModel.from_pretrained(path).eval()
         sampling = Sampling.for_model(model, cfg.steps, cfg.cfg_scale, cfg.ref_cfg_scale, cfg.seed,

@@ -325,10 +325,9 @@ def before_after_grid(scenario: Scenario, before_model: Any, after_model: Any, p
 # ------------------------------------------------------------------------------------------------ the loop
 def train_rl(cfg: RLConfig, scenario: Scenario | None = None) -> dict[str, Any]:
     """Run GRPO for ``cfg.scenario`` (or the given ``scenario`` object); returns a summary dict (see module doc)."""
-    from tqdm.auto import tqdm
-
     from unirl.eval.grid import save_image_atomic
     from unirl.models.unified import UnifiedModel
+    from unirl.progress import progress_bar
     from unirl.rewards import image as image_rewards
     from unirl.tracking import data_version, make_tracker
     from unirl.train.checkpoint import resume_training, save_training_checkpoint
@@ -387,7 +386,7 @@ def train_rl(cfg: RLConfig, scenario: Scenario | None = None) -> dict[str, Any]:
             path = save_training_checkpoint(engine, cfg.run_dir, step, extra=extra, keep_last=cfg.keep_checkpoints)
             tracker.log_checkpoint(path, step, seed=cfg.seed, data_version=dvc_version)
 
-        bar = tqdm(range(start, cfg.steps), desc=f"rl {cfg.scenario}", disable=rank != 0 or not cfg.progress,
+        bar = progress_bar(range(start, cfg.steps), desc=f"rl {cfg.scenario}", disable=rank != 0 or not cfg.progress,
                    initial=start, total=cfg.steps)
         stopped_early = False
         # what still has to run after the loop: the final evaluation and the two grid previews (+ saving)

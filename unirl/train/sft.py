@@ -36,13 +36,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from unirl.config import option, to_dict
 from unirl.eval.grid import make_grid, save_image_atomic
 from unirl.models.config import load_model_config
 from unirl.models.tokenizer import load_tokenizer
 from unirl.models.unified import DTYPES, UnifiedModel
+from unirl.progress import progress_bar
 from unirl.tracking import data_version, make_tracker
 from unirl.train import sft_data as D
 from unirl.train.checkpoint import INDEX, CheckpointError, latest_checkpoint, resume_training, save_training_checkpoint
@@ -327,7 +327,7 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
                                               "resumed_from": str(ckpt) if ckpt else ""})
     losses = _LossLog(Path(cfg.run_dir) / "loss.csv", 0, main)
     total_steps = cfg.lm_steps + cfg.dm_steps
-    bar = tqdm(total=total_steps, desc="sft", unit="step", disable=not (cfg.progress and main))
+    bar = progress_bar(total=total_steps, desc="sft", unit="step", disable=not (cfg.progress and main))
     status = "FAILED"
     try:
         stopped_early = False
