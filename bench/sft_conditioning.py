@@ -28,7 +28,9 @@ BANDS = ((0.05, 0.3), (0.3, 0.6), (0.6, 0.85), (0.85, 0.98))
 
 
 def swapped(prompt: str, cls: str) -> str | None:
-    """``prompt`` with its (singular) shape word replaced, or None when the word is not in it."""
+    """``prompt`` with its (singular) shape word replaced, or None when the word is not in it exactly once."""
+    if cls not in SWAP:
+        return None
     out, n = re.subn(rf"\b{cls}\b", SWAP[cls], prompt)
     return out if n == 1 else None
 
@@ -53,17 +55,13 @@ def band_losses(model, x0, prompts: dict[str, list[str]], seeds: int = 4) -> dic
     return out
 
 
-def caption_spread(model, groups: list[list[str]]) -> float:
-    """Mean distance between the DiT caption features of prompts in each group, over their mean norm."""
+def caption_spread(model, prompts: list[str]) -> float:
+    """Mean pairwise distance between the DiT caption features of ``prompts``, over their mean norm."""
     dit = model.dit
-    ratios = []
-    for ps in groups:
-        c = model.encode(ps, None, "t2i")
-        e = dit.caption_norm(dit.caption_projection(c.hidden))  # (P, N, D_dit)
-        d = (e[:, None] - e[None]).norm(dim=-1).mean(-1)  # (P, P)
-        n = len(ps)
-        ratios.append(float(d.sum() / (n * (n - 1))) / float(e.norm(dim=-1).mean()))
-    return sum(ratios) / len(ratios)
+    e = dit.caption_norm(dit.caption_projection(model.encode(prompts, None, "t2i").hidden))  # (P, N, D_dit)
+    d = (e[:, None] - e[None]).norm(dim=-1).mean(-1)  # (P, P), zero diagonal
+    n = len(prompts)
+    return float(d.sum() / (n * (n - 1))) / float(e.norm(dim=-1).mean())
 
 
 def main() -> None:
@@ -85,8 +83,7 @@ def main() -> None:
     for s in read_split(args.shards, "t2i", "test", 0.0, model.config.resolution):
         if s.meta["tag"] != "single_object":
             continue
-        cls = s.meta["metadata"]["include"][0]["class"]
-        alt = swapped(s.meta["prompt"], cls) if cls in SWAP else None
+        alt = swapped(s.meta["prompt"], s.meta["metadata"]["include"][0]["class"])
         if alt is not None:
             rows.append((s.images["png"], s.meta["prompt"], alt))
         if len(rows) == args.n:
@@ -96,9 +93,9 @@ def main() -> None:
     with torch.no_grad():
         x0 = model.encode_images([r[0] for r in rows])  # (B, C, h, w)
         losses = band_losses(model, x0, {"right": [r[1] for r in rows], "swapped": [r[2] for r in rows]})
-        shape = caption_spread(model, [[f"a photo of a {c}" for c in SWAP]])
-        other = caption_spread(model, [["a photo of a circle", "a photo of two circles", "a photo of a red circle",
-                                        "a photo of four circles", "a photo of a blue circle"]])
+        shape = caption_spread(model, [f"a photo of a {c}" for c in SWAP])
+        other = caption_spread(model, ["a photo of a circle", "a photo of two circles", "a photo of a red circle",
+                                       "a photo of four circles", "a photo of a blue circle"])
     print(f"{len(rows)} held-out single-object images from {args.shards}, model {args.model}")
     print(f"{'sigma band':>12} {'right':>9} {'swapped':>9} {'zeroed':>9}")
     for band, v in losses.items():

@@ -386,8 +386,8 @@ def train_rl(cfg: RLConfig, scenario: Scenario | None = None) -> dict[str, Any]:
             path = save_training_checkpoint(engine, cfg.run_dir, step, extra=extra, keep_last=cfg.keep_checkpoints)
             tracker.log_checkpoint(path, step, seed=cfg.seed, data_version=dvc_version)
 
-        bar = progress_bar(range(start, cfg.steps), desc=f"rl {cfg.scenario}", disable=rank != 0 or not cfg.progress,
-                   initial=start, total=cfg.steps)
+        bar = progress_bar(range(start, cfg.steps), desc=f"rl {cfg.scenario}",
+                           disable=rank != 0 or not cfg.progress, initial=start, total=cfg.steps)
         stopped_early = False
         # what still has to run after the loop: the final evaluation and the two grid previews (+ saving)
         final_s = eval_seconds * (1.0 + 2.0 * cfg.grid_prompts / max(1, len(eval_prompts))) + 5.0
