@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 from pathlib import Path
@@ -25,13 +24,6 @@ from unirl.data.verifier import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("verifier_accuracy", ROOT / "bench" / "verifier_accuracy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def det(cls: str, box: tuple[int, int, int, int], color: str = "red", conf: float = 1.0) -> Detection:
@@ -366,8 +358,8 @@ def test_load_geneval_metadata_errors(tmp_path):
 # ---------------------------------------------------------------- accuracy on random scenes
 
 
-def test_bench_ground_truth_is_consistent():
-    bench = _bench()
+def test_bench_ground_truth_is_consistent(load_bench):
+    bench = load_bench("verifier_accuracy")
     rng = random.Random(1)
     cases = [bench.random_case(rng) for _ in range(300)]
     assert all(bench.scene_truth(scene, m) == (not violated) for scene, m, violated in cases)
@@ -376,13 +368,13 @@ def test_bench_ground_truth_is_consistent():
 
 
 @pytest.mark.parametrize("res", [32, 64, 256])
-def test_accuracy_on_random_scenes(res):
-    fig = _bench().measure(n=300, res=res, condition="clean", seed=res)
+def test_accuracy_on_random_scenes(res, load_bench):
+    fig = load_bench("verifier_accuracy").measure(n=300, res=res, condition="clean", seed=res)
     assert fig["object_accuracy"] >= 0.99
     assert fig["correct_agreement"] >= 0.99
     assert 0.3 < fig["true_fraction"] < 0.7  # about half the metadata is deliberately violated
 
 
-def test_accuracy_under_noise_at_64px():
-    fig = _bench().measure(n=150, res=64, condition="noise", seed=3)
+def test_accuracy_under_noise_at_64px(load_bench):
+    fig = load_bench("verifier_accuracy").measure(n=150, res=64, condition="noise", seed=3)
     assert fig["object_accuracy"] >= 0.97 and fig["correct_agreement"] >= 0.97

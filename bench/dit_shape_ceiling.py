@@ -1,0 +1,181 @@
+"""How fast can the tiny DiT learn the shape at all? Oracle class labels, single objects, object size swept, one run.
+
+    .venv/bin/python bench/dit_shape_ceiling.py [--scales 1.0,1.6,2.2] [--steps 3000] [--threads 1]
+
+An upper bound for the SFT stage's single_object score (issue 3), free of the LM, the connector, the prompt
+wording and the task mix: for each object scale it trains a fresh tiny-profile ``SanaTransformer2DModel``
+(``configs/tiny.yaml``, the same softmax self-attention) on single coloured shapes rendered by the Shapes world at
+32 px, with the object's class given as a learned embedding through the DiT's own caption path (cross-attention),
+the SFT loss (logit-normal sigma, ``eps - x0`` target, plain MSE, 10% of captions zeroed) and AdamW. ``--scales``
+multiplies the world's object radii (1.0 = the curated data: boxes of 6-10 px at 32 px).
+
+Every ``--eval-every`` steps it prints ``swap_gap`` (relative flow-matching loss increase when the class label is
+replaced by another, on fixed noise: 0 means the DiT ignores the class) and the verifier's judgement of 48 ODE
+samples (20 Euler steps, the profile's shift, no CFG, 16 per class): ``one_object`` (exactly one detection) and
+``correct`` (exactly one object of the asked class, GenEval's single_object rule). The last line is one JSON object
+with, per scale, the final ``swap_gap``, ``one_object`` and ``correct``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import random
+import time
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def object_scale(scale: float) -> Iterator[None]:
+    """Temporarily multiply the Shapes world's named object radii by ``scale``."""
+    from unirl.data import shapes
+
+    saved = dict(shapes.SIZES)
+    shapes.SIZES.update({k: v * scale for k, v in saved.items()})
+    try:
+        yield
+    finally:
+        shapes.SIZES.update(saved)
+
+
+def single_objects(rng: random.Random, n: int, resolution: int, classes: list[int] | None = None):
+    """``n`` one-object scenes as (images (n, 3, R, R) in [-1, 1], class ids (n,))."""
+    import numpy as np
+    import torch
+
+    from unirl.data.shapes import COLORS, SHAPES, SIZES, place, render
+
+    ids = classes if classes is not None else [rng.randrange(len(SHAPES)) for _ in range(n)]
+    xs = []
+    for k in ids:
+        scene = place(rng, [(SHAPES[k], rng.choice(COLORS), rng.choice(tuple(SIZES)))])
+        img = np.asarray(render(scene, resolution), dtype=np.float32) / 127.5 - 1.0  # (R, R, 3)
+        xs.append(torch.from_numpy(img).permute(2, 0, 1))
+    return torch.stack(xs), torch.tensor(ids)  # (n, 3, R, R), (n,)
+
+
+class ClassDiT:
+    """A fresh tiny-profile DiT conditioned on a learned class embedding through its caption path."""
+
+    def __init__(self, seed: int) -> None:
+        import torch
+        from diffusers import SanaTransformer2DModel
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        from unirl.data.shapes import SHAPES
+        from unirl.models.config import load_model_config
+
+        cfg = load_model_config("tiny")
+        torch.manual_seed(seed)
+        self.dit = SanaTransformer2DModel(**cfg.dit.config)
+        if cfg.dit_self_attention == "softmax":
+            for block in self.dit.transformer_blocks:
+                block.attn1.set_processor(AttnProcessor2_0())
+        self.emb = torch.nn.Embedding(len(SHAPES), self.dit.config.caption_channels)
+        torch.nn.init.normal_(self.emb.weight, std=1.0)
+        self.shift = float(cfg.sampling.shift)
+        self.resolution = cfg.resolution
+
+    def parameters(self) -> list:
+        return [*self.dit.parameters(), *self.emb.parameters()]
+
+    def velocity(self, x, sigma, y, keep=None):
+        h = self.emb(y)[:, None]  # (B, 1, D_caption)
+        if keep is not None:
+            h = h * keep.view(-1, 1, 1)
+        return self.dit(hidden_states=x, encoder_hidden_states=h, timestep=sigma * 1000, return_dict=False)[0]
+
+
+def fm_loss(model: ClassDiT, x0, y, generator=None, keep=None):
+    """The SFT flow-matching loss: logit-normal sigma, ``x_s = (1 - s) x0 + s eps``, MSE to ``eps - x0``."""
+    import torch
+    import torch.nn.functional as F
+
+    sigma = torch.sigmoid(torch.randn(x0.shape[0], generator=generator))  # (B,)
+    eps = torch.randn(x0.shape, generator=generator)  # (B, C, R, R)
+    s = sigma.view(-1, 1, 1, 1)
+    return F.mse_loss(model.velocity((1 - s) * x0 + s * eps, sigma, y, keep), eps - x0)
+
+
+def evaluate(model: ClassDiT, seed: int) -> dict[str, float]:
+    import torch
+    from PIL import Image
+
+    from unirl.data.shapes import SHAPES
+    from unirl.data.verifier import detect
+
+    rng = random.Random(seed)
+    with torch.no_grad():
+        x0, y = single_objects(rng, 96, model.resolution)
+        right = float(fm_loss(model, x0, y, torch.Generator().manual_seed(seed)))
+        other = float(fm_loss(model, x0, (y + 1) % len(SHAPES), torch.Generator().manual_seed(seed)))
+        g = torch.Generator().manual_seed(seed)
+        y = torch.arange(48) % len(SHAPES)  # (48,)
+        x = torch.randn(48, 3, model.resolution, model.resolution, generator=g)  # (48, 3, R, R)
+        u = torch.linspace(1.0, 0.0, 21)
+        sig = model.shift * u / (1 + (model.shift - 1) * u)  # (21,) shifted sigmas, as the tiny profile samples
+        for k in range(20):
+            x = x + (sig[k + 1] - sig[k]) * model.velocity(x, sig[k].expand(48), y)
+        pix = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (48, R, R, 3)
+    one = correct = 0
+    for img, k in zip(pix, y.tolist(), strict=True):
+        dets = detect(Image.fromarray(img))
+        one += len(dets) == 1
+        correct += sum(d.cls == SHAPES[k] for d in dets) == 1
+    return {"swap_gap": other / right - 1, "one_object": one / 48, "correct": correct / 48}
+
+
+def run_scale(scale: float, steps: int, batch: int, lr: float, eval_every: int, seed: int) -> dict[str, float]:
+    import torch
+
+    from unirl.progress import progress_bar
+
+    rng = random.Random(seed)
+    with object_scale(scale):
+        model = ClassDiT(seed)
+        params = model.parameters()
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        t0, res = time.perf_counter(), {}
+        for step in progress_bar(range(1, steps + 1), desc=f"scale {scale}"):
+            x0, y = single_objects(rng, batch, model.resolution)
+            keep = (torch.rand(batch) >= 0.1).float()  # (B,) 10% zeroed captions, as the SFT dropout
+            loss = fm_loss(model, x0, y, keep=keep)
+            if not torch.isfinite(loss):
+                raise SystemExit(f"scale {scale}: non-finite loss at step {step}")
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            if step % eval_every == 0 or step == steps:
+                res = evaluate(model, seed=1000 + seed)
+                print(f"scale {scale:.2f} step {step:5d} {time.perf_counter() - t0:6.0f}s loss {loss.item():.4f} "
+                      f"swap_gap {res['swap_gap']:+.4f} one_object {res['one_object']:.2f} "
+                      f"correct {res['correct']:.3f}", flush=True)
+    return {k: round(v, 4) for k, v in res.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--scales", default="1.0,1.6,2.2", help="object radius multipliers (1.0 = the curated world)")
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--eval-every", type=int, default=1000)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    scales = [float(s) for s in args.scales.split(",")]
+    out = {f"{s:g}": run_scale(s, args.steps, args.batch, args.lr, args.eval_every, args.seed) for s in scales}
+    print(f"{'scale':>6} {'swap_gap':>9} {'one_object':>11} {'correct':>8}   ({args.steps} steps, batch {args.batch})")
+    for s, r in out.items():
+        print(f"{s:>6} {r['swap_gap']:+9.4f} {r['one_object']:11.2f} {r['correct']:8.3f}")
+    print(json.dumps({"steps": args.steps, "batch": args.batch, "scales": out}))
+
+
+if __name__ == "__main__":
+    main()
