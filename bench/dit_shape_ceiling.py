@@ -61,20 +61,19 @@ class ClassDiT:
     def __init__(self, seed: int) -> None:
         import torch
         from diffusers import SanaTransformer2DModel
-        from diffusers.models.attention_processor import AttnProcessor2_0
 
         from unirl.data.shapes import SHAPES
         from unirl.models.config import load_model_config
+        from unirl.models.scheduler import FlowMatchEulerScheduler
+        from unirl.models.unified import set_dit_self_attention
 
         cfg = load_model_config("tiny")
         torch.manual_seed(seed)
         self.dit = SanaTransformer2DModel(**cfg.dit.config)
-        if cfg.dit_self_attention == "softmax":
-            for block in self.dit.transformer_blocks:
-                block.attn1.set_processor(AttnProcessor2_0())
+        set_dit_self_attention(self.dit, cfg.dit_self_attention)
         self.emb = torch.nn.Embedding(len(SHAPES), self.dit.config.caption_channels)
         torch.nn.init.normal_(self.emb.weight, std=1.0)
-        self.shift = float(cfg.sampling.shift)
+        self.scheduler = FlowMatchEulerScheduler(cfg.sampling.shift)
         self.resolution = cfg.resolution
 
     def parameters(self) -> list:
@@ -84,7 +83,8 @@ class ClassDiT:
         h = self.emb(y)[:, None]  # (B, 1, D_caption)
         if keep is not None:
             h = h * keep.view(-1, 1, 1)
-        return self.dit(hidden_states=x, encoder_hidden_states=h, timestep=sigma * 1000, return_dict=False)[0]
+        return self.dit(hidden_states=x, encoder_hidden_states=h, timestep=self.scheduler.timestep(sigma),
+                        return_dict=False)[0]
 
 
 def fm_loss(model: ClassDiT, x0, y, generator=None, keep=None):
@@ -94,16 +94,15 @@ def fm_loss(model: ClassDiT, x0, y, generator=None, keep=None):
 
     sigma = torch.sigmoid(torch.randn(x0.shape[0], generator=generator))  # (B,)
     eps = torch.randn(x0.shape, generator=generator)  # (B, C, R, R)
-    s = sigma.view(-1, 1, 1, 1)
-    return F.mse_loss(model.velocity((1 - s) * x0 + s * eps, sigma, y, keep), eps - x0)
+    return F.mse_loss(model.velocity(model.scheduler.add_noise(x0, eps, sigma), sigma, y, keep), eps - x0)
 
 
 def evaluate(model: ClassDiT, seed: int) -> dict[str, float]:
     import torch
     from PIL import Image
 
+    from unirl.data import verifier
     from unirl.data.shapes import SHAPES
-    from unirl.data.verifier import detect
 
     rng = random.Random(seed)
     with torch.no_grad():
@@ -113,16 +112,17 @@ def evaluate(model: ClassDiT, seed: int) -> dict[str, float]:
         g = torch.Generator().manual_seed(seed)
         y = torch.arange(48) % len(SHAPES)  # (48,)
         x = torch.randn(48, 3, model.resolution, model.resolution, generator=g)  # (48, 3, R, R)
-        u = torch.linspace(1.0, 0.0, 21)
-        sig = model.shift * u / (1 + (model.shift - 1) * u)  # (21,) shifted sigmas, as the tiny profile samples
+        sig = model.scheduler.sigmas(20)  # (21,) shifted, as the tiny profile samples
         for k in range(20):
-            x = x + (sig[k + 1] - sig[k]) * model.velocity(x, sig[k].expand(48), y)
+            x = model.scheduler.step(x, model.velocity(x, sig[k].expand(48), y), sig[k], sig[k + 1])
         pix = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (48, R, R, 3)
     one = correct = 0
     for img, k in zip(pix, y.tolist(), strict=True):
-        dets = detect(Image.fromarray(img))
+        dets = verifier.detect(Image.fromarray(img))
         one += len(dets) == 1
-        correct += sum(d.cls == SHAPES[k] for d in dets) == 1
+        cls = SHAPES[k]
+        md = {"tag": "single_object", "include": [{"class": cls, "count": 1}], "prompt": f"a photo of a {cls}"}
+        correct += bool(verifier.evaluate(dets, md)["correct"])
     return {"swap_gap": other / right - 1, "one_object": one / 48, "correct": correct / 48}
 
 

@@ -107,11 +107,7 @@ class UnifiedModel(nn.Module):
         self.lm = lm
         self.dit = dit
         self.vae = vae
-        if config.dit_self_attention == "softmax":
-            for block in dit.transformer_blocks:
-                block.attn1.set_processor(AttnProcessor2_0())
-        elif config.dit_self_attention != "linear":
-            raise ValueError(f"dit_self_attention must be 'linear' or 'softmax', got {config.dit_self_attention!r}")
+        set_dit_self_attention(dit, config.dit_self_attention)
         if vae is not None:
             vae.requires_grad_(False).eval()
         d_lm = lm.config.text_config.hidden_size
@@ -424,6 +420,15 @@ class UnifiedModel(nn.Module):
         latents = self.sample_latents(prompts, images, task, steps, cfg_scale, ref_cfg_scale, seed, generator,
                                       prefix_ids)
         return self.decode_latents(latents)
+
+
+def set_dit_self_attention(dit: SanaTransformer2DModel, mode: str) -> None:
+    """``"linear"``: SANA's own linear attention; ``"softmax"``: diffusers' SDPA processor on the same weights."""
+    if mode == "softmax":
+        for block in dit.transformer_blocks:
+            block.attn1.set_processor(AttnProcessor2_0())
+    elif mode != "linear":
+        raise ValueError(f"dit_self_attention must be 'linear' or 'softmax', got {mode!r}")
 
 
 def lm_config(kwargs: dict, special: SpecialTokens | None,
