@@ -57,7 +57,8 @@ bench: setup
 	$(PY) bench/sft.py
 	$(PY) bench/dm_rl.py
 	$(PY) bench/lm_grpo.py
-	$(PY) bench/dit_shape_ceiling.py
+	@if [ -d data/models/vae ]; then $(PY) bench/dit_shape_ceiling.py; \
+	else $(PY) bench/dit_shape_ceiling.py --spaces pixel; fi
 	@if [ -d data/models/sft ]; then $(PY) bench/sft_conditioning.py; \
 	else echo 'bench/sft_conditioning.py skipped: no data/models/sft (run make pipeline first)'; fi
 

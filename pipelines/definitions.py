@@ -1,7 +1,8 @@
 """The Dagster code location: `dagster dev` loads this module (configured in pyproject.toml).
 
-Asset graph: shards_<task> (x6, each with a blocking GX check) -> tokenizer_corpus -> tokenizer -> sft_model ->
-rl_<scenario> (x6) -> bench_<benchmark> (x6) -> eval_results (blocking check: promotable) -> registered_model.
+Asset graph: shards_<task> (x6, each with a blocking GX check) -> tokenizer_corpus -> tokenizer -> sft_model
+(also fed by vae, from shards_t2i and shards_edit) -> rl_<scenario> (x6) -> bench_<benchmark> (x6) -> eval_results
+(blocking check: promotable) -> registered_model.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ def build_definitions(params_path: str | None = None, launcher: StageLauncher | 
     return dg.Definitions(
         assets=[
             *data.SHARD_ASSETS, data.tokenizer_corpus, data.geneval_prompts,
-            train.tokenizer, train.sft_model, *train.RL_ASSETS,
+            train.tokenizer, train.vae, train.sft_model, *train.RL_ASSETS,
             *evaluate.BENCHMARK_ASSETS, evaluate.eval_results, evaluate.registered_model,
         ],
         asset_checks=[*data.GX_CHECKS, evaluate.results_promotable],

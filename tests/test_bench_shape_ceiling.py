@@ -40,10 +40,16 @@ def test_single_objects_are_scaled_renders_the_verifier_reads_back(scale, load_b
     assert (0.02 < np.mean(fg_fraction) < 0.08) if scale == 1.0 else (np.mean(fg_fraction) > 0.15)
 
 
-def test_a_short_run_reports_finite_figures(capsys, load_bench):
+@pytest.mark.parametrize("space", ["pixel", "latent"])
+def test_a_short_run_reports_finite_figures(space, capsys, load_bench):
+    from diffusers import AutoencoderDC
+
+    from unirl.models.config import load_model_config
+
     bench = load_bench("dit_shape_ceiling")
-    res = bench.run_scale(1.0, steps=3, batch=4, lr=5e-4, eval_every=3, seed=0)
+    vae = AutoencoderDC(**load_model_config("tiny").vae.config).eval() if space == "latent" else None
+    res = bench.run_scale(1.0, steps=3, batch=4, lr=5e-4, eval_every=3, seed=0, vae=vae)
     assert set(res) == {"swap_gap", "one_object", "correct"}
     assert math.isfinite(res["swap_gap"])
     assert 0 <= res["correct"] <= 1 and 0 <= res["one_object"] <= 1
-    assert "scale 1.00 step     3" in capsys.readouterr().out
+    assert f"{space} scale 1.00 step     3" in capsys.readouterr().out

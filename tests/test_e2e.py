@@ -1,7 +1,7 @@
 """The whole pipeline end to end on a micro budget: `dvc repro` in a temporary copy; every Dagster asset in process.
 
-Both run the real stages (curate -> validate -> tokenizer -> sft -> rl x6 -> eval -> promote) with a few steps each,
-against a temporary MLflow sqlite store.
+Both run the real stages (curate -> validate -> tokenizer -> vae -> sft -> rl x6 -> eval -> promote) with a few
+steps each, against a temporary MLflow sqlite store.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def test_dvc_repro_runs_the_whole_pipeline_then_nothing(tmp_path):
     _run([f"{bindir}/dvc", "init", "-q"], repo, env)
     _run([f"{bindir}/dvc", "config", "core.analytics", "false"], repo, env)
     out = _run([f"{bindir}/dvc", "repro"], repo, env)
-    for stage in ("curate", "validate", "tokenizer", "sft", *(f"rl@{s}" for s in SCENARIOS), "eval", "promote"):
+    for stage in ("curate", "validate", "tokenizer", "vae", "sft", *(f"rl@{s}" for s in SCENARIOS), "eval", "promote"):
         assert f"Running stage '{stage}'" in out, stage
     _check_outputs(repo)
     out = _run([f"{bindir}/dvc", "repro"], repo, env)
@@ -88,6 +88,7 @@ def test_every_dagster_asset_materialises_in_process(tmp_path, monkeypatch):
     mats = {m.asset_key.to_user_string(): m.materialization.metadata for m in events}
     assert {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()} == set(mats)
     assert all(c.passed for c in result.get_asset_check_evaluations())
+    assert "reconstructions" in mats["vae"] and (tmp_path / "data/models/vae/config.json").is_file()
     assert "samples" in mats["sft_model"] and "reward_curve" in mats["rl_t2i"]
     assert "table" in mats["eval_results"]
     _check_outputs(tmp_path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -52,7 +53,7 @@ def test_shapes(model):
     assert c.mask.shape == (2, cfg.n_query) and bool(c.mask.all())
     ci = model.encode(["make the square blue"] * 2, images=[red_square(), blue_circle()], task="i2i")
     assert ci.hidden.shape == c.hidden.shape
-    assert model.latent_shape == (3, 32, 32)
+    assert model.latent_shape == (8, 8, 8)  # the tiny DC-AE: f4, 8 channels
     x = torch.randn(2, *model.latent_shape)
     assert model.velocity(x, torch.tensor([0.3, 0.9]), c).shape == x.shape
     ref = model.encode_images([red_square()] * 2)
@@ -279,9 +280,25 @@ def test_generate_images_sizes_and_seed(model):
         model.generate_images(["make it blue"], task="i2i", steps=1)
 
 
-def test_images_latents_round_trip(model):
+def test_images_latents_round_trip(model, tok):
     im = red_square()
-    assert model.decode_latents(model.encode_images([im]))[0].tobytes() == im.tobytes()
+    x = torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1.0  # (1, 3, 32, 32)
+    # latent space (the tiny profile): the autoencoder's latents x scaling factor, decoded back through it
+    model.vae.register_to_config(scaling_factor=0.5)
+    lat = model.encode_images([im])
+    assert lat.shape == (1, *model.latent_shape)
+    torch.testing.assert_close(lat, model.vae.encode(x).latent * 0.5)
+    dec = model.vae.decode(lat / 0.5).sample.clamp(-1, 1)  # (1, 3, 32, 32)
+    expect = ((dec[0].permute(1, 2, 0) + 1) * 127.5).round().to(torch.uint8).numpy()
+    assert model.decode_latents(lat)[0].tobytes() == expect.tobytes()
+    # pixel space (a profile without a VAE): the image itself, exactly
+    cfg = load_model_config("tiny")
+    cfg.vae.config = {}
+    cfg.dit.config.update(in_channels=3, out_channels=3, sample_size=32, patch_size=4)
+    pixel = UnifiedModel.build(cfg, tok)
+    assert pixel.vae is None and pixel.latent_shape == (3, 32, 32)
+    torch.testing.assert_close(pixel.encode_images([im]), x)
+    assert pixel.decode_latents(pixel.encode_images([im]))[0].tobytes() == im.tobytes()
 
 
 def test_deepcopy_keeps_an_independent_reference_path(model):

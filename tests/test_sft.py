@@ -27,22 +27,27 @@ from unirl.train import CheckpointError, EngineConfig
 from unirl.train import sft_data as D
 from unirl.train.losses import flow_matching_loss, lm_loss
 from unirl.train.sft import SFTConfig, _phase_engine, run_sft
+from unirl.train.vae import VAEStageConfig, train_vae
 
 WORKER = ROOT / "tests" / "_sft_worker.py"
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Tiny curated shards + a tokenizer trained on their corpus."""
+    """Tiny curated shards + a tokenizer trained on their corpus + a briefly trained autoencoder."""
     tmp = tmp_path_factory.mktemp("sft")
     cur = load_config(CurateConfig, "curate", small_params(tmp, per_tag=10))
     curate(cur, progress=False)
     build_tokenizer(TokenizerConfig(corpus=cur.corpus_path, out_dir=str(tmp / "tokenizer"), vocab_size=512))
+    train_vae(VAEStageConfig(shards_dir=cur.out_dir, out_dir=str(tmp / "vae"), metrics_path=str(tmp / "vae.json"),
+                             grid_path=str(tmp / "vae.png"), steps=5, batch_size=8, eval_images=8,
+                             min_verifier_agreement=0.0, tracking=False, progress=False, torch_threads=1))
     return tmp
 
 
 def small_cfg(project: Path, out: Path, **kw) -> SFTConfig:
     base = dict(shards_dir=str(project / "data" / "shards"), tokenizer_dir=str(project / "tokenizer"),
+                vae_dir=str(project / "vae"),
                 out_dir=str(out / "model"), run_dir=str(out / "run"), metrics_path=str(out / "metrics.json"),
                 loss_csv=str(out / "loss.csv"), loss_plot=str(out / "loss.png"), grid_path=str(out / "grid.png"),
                 lm_steps=2, dm_steps=3, lm_batch_size=4, dm_batch_size=4, edit_fraction=0.5, checkpoint_interval=2,
@@ -109,7 +114,8 @@ def test_gradients_reach_exactly_each_phase_parameters(project: Path, tmp_path: 
     assert got <= groups["lm"] | groups["vision"]
     assert any(n in got for n in groups["vision"])
     assert "lm.model.language_model.layers.0.self_attn.q_proj.weight" in got
-    assert none >= set().union(*(groups[k] for k in ("dit", "connector", "t2i_queries", "i2i_queries", "ref")))
+    assert none >= set().union(*(groups[k] for k in ("dit", "connector", "t2i_queries", "i2i_queries", "ref",
+                                                     "vae")))
     model.zero_grad(set_to_none=True)
 
     # DM phase: DiT + connector + queries + ref path; the LM is frozen but passes gradients to the queries
@@ -129,7 +135,8 @@ def test_gradients_reach_exactly_each_phase_parameters(project: Path, tmp_path: 
                        drop_both=0).backward()
     got, none = grads()
     assert "i2i_queries" in got and "ref_proj.weight" in got
-    assert got <= dm_names and none >= groups["lm"] | groups["vision"]
+    assert got <= dm_names and none >= groups["lm"] | groups["vision"] | groups["vae"]
+    assert groups["vae"]  # the tiny profile's DiT works in the autoencoder's latents
 
 
 def test_missing_and_corrupt_checkpoints_give_clear_errors(project: Path, tmp_path: Path) -> None:
@@ -216,6 +223,8 @@ def test_deepspeed_engine_matches_torch_engine(project: Path, tmp_path: Path, mo
     b = load_file(str(Path(cfg.out_dir) / "model.safetensors"))
     assert a.keys() == b.keys()
     # Same AdamW arithmetic, but DeepSpeed sums gradients in flat buffers (another float reduction order), and
-    # Adam's normalisation turns those ~1e-7 gradient differences on near-zero gradients into ~lr/100 steps.
+    # Adam's normalisation turns those ~1e-7 gradient differences on near-zero gradients into steps of up to
+    # ~lr/20 (lr 2e-3 here; measured 1.0e-4 at most, on a cross-attention output weight). A wrong gradient would
+    # move every parameter by ~lr per step.
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-4, msg=k)
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=2.5e-4, msg=k)

@@ -4,6 +4,7 @@
     unirl import-data --captions a.tar --edits b.parquet
     unirl validate                                      GX suites over every shard set
     unirl tokenizer                                     train the tokenizer on the curated corpus
+    unirl vae                                           train the tiny profile's autoencoder on the curated images
     unirl sft                                           LM cold start + DM flow matching
     unirl rl --scenario t2i                             GRPO in one of the six scenarios
     unirl eval                                          every benchmark on every checkpoint
@@ -56,6 +57,8 @@ STAGES: dict[str, Stage] = {
         "unirl.models.tokenizer:TokenizerConfig", "tokenizer", "unirl.models.tokenizer:build_tokenizer",
         "train the BPE tokenizer on the curated corpus",
     ),
+    "vae": Stage("unirl.train.vae:VAEStageConfig", "vae", "unirl.train.vae:train_vae",
+                 "train the profile's autoencoder (DC-AE) on the curated images"),
     "sft": Stage("unirl.train.sft:SFTConfig", "sft", "unirl.train.sft:run_sft", "supervised fine-tuning (LM + DM)"),
     "rl": Stage("unirl.rl.trainer:RLConfig", "rl", "unirl.rl.trainer:run_rl", "GRPO in one scenario"),
     "eval": Stage("unirl.eval.report:EvalConfig", "eval", "unirl.eval.report:run_cli", "run the benchmarks"),
@@ -65,7 +68,7 @@ STAGES: dict[str, Stage] = {
     ),
 }
 PIPELINE: tuple[str, ...] = (
-    "curate", "validate", "tokenizer", "sft", *(f"rl:{s}" for s in SCENARIOS), "eval", "promote",
+    "curate", "validate", "tokenizer", "vae", "sft", *(f"rl:{s}" for s in SCENARIOS), "eval", "promote",
 )
 
 

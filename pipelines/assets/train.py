@@ -1,4 +1,4 @@
-"""Model assets: the tokenizer, the SFT model and one GRPO model per scenario.
+"""Model assets: the tokenizer, the autoencoder, the SFT model and one GRPO model per scenario.
 
 SFT and RL run as external processes through Dagster Pipes (`pipelines.launch.StageLauncher`), the same entry point
 `dvc repro` runs, so on a cluster the launcher prefix becomes `torchrun`/`deepspeed` without touching the asset.
@@ -15,6 +15,7 @@ from pipelines.launch import StageLauncher
 from pipelines.resources import UnirlParams, image_md
 from unirl.cli import SCENARIOS, load_stage_config
 from unirl.models.tokenizer import TokenizerConfig, build_tokenizer
+from unirl.train.vae import VAEStageConfig, train_vae
 
 
 @dg.asset(group_name="model", deps=["tokenizer_corpus"], kinds={"transformers"},
@@ -23,6 +24,20 @@ def tokenizer(unirl: UnirlParams) -> dg.MaterializeResult:
     cfg = unirl.config(TokenizerConfig, "tokenizer")
     metrics = build_tokenizer(cfg)
     return dg.MaterializeResult(metadata={"path": dg.MetadataValue.path(cfg.out_dir), **metrics})
+
+
+@dg.asset(group_name="model", deps=["shards_t2i", "shards_edit"], kinds={"pytorch", "diffusers", "mlflow"},
+          description="The profile's DC-AE (AutoencoderDC), trained on the curated images; the DiT denoises its "
+                      "latents.")
+def vae(unirl: UnirlParams) -> dg.MaterializeResult:
+    cfg = unirl.config(VAEStageConfig, "vae")
+    metrics = train_vae(cfg)
+    meta: dict[str, object] = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+    if metrics.get("run_url"):
+        meta["mlflow_run"] = dg.MetadataValue.url(metrics["run_url"])
+    if Path(cfg.grid_path).exists():
+        meta["reconstructions"] = image_md(cfg.grid_path, "val images over their reconstructions")
+    return dg.MaterializeResult(metadata={"path": dg.MetadataValue.path(cfg.out_dir), **meta})
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
@@ -53,7 +68,8 @@ def _summary_metadata(summary_path: Path, images: dict[str, Path]) -> dict[str, 
     return meta
 
 
-@dg.asset(group_name="model", deps=["tokenizer", *(f"shards_{t}" for t in SCENARIOS)], kinds={"pytorch", "mlflow"},
+@dg.asset(group_name="model", deps=["tokenizer", "vae", *(f"shards_{t}" for t in SCENARIOS)],
+          kinds={"pytorch", "mlflow"},
           description="SFT: LM cold start (cross-entropy on task formats), then DM flow matching with the LM frozen.")
 def sft_model(context: AssetExecutionContext, unirl: UnirlParams, launcher: StageLauncher) -> dg.MaterializeResult:
     launcher.run(context, "sft", unirl.params_path)

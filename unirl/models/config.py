@@ -3,8 +3,9 @@
 A profile names, for each expert, either a local pretrained directory (``path``) or the constructor kwargs of the
 library class (``config``): transformers' ``Qwen2_5_VLConfig`` (``text_config`` + ``vision_config``), diffusers'
 ``SanaTransformer2DModel`` and ``AutoencoderDC``. ``vae.path`` and ``vae.config`` both null means pixel space: the
-DiT's "latents" are the RGB images in [-1, 1] (the tiny profile). Token ids (image pad, vision start/end, EOS,
-pad, vocabulary size) are filled in from the tokenizer at build time, never written in a profile.
+DiT's "latents" are the RGB images in [-1, 1]. The tiny profile gives a ``vae.config`` that the ``vae`` stage trains
+on the curated images; the full profile loads SANA's DC-AE from ``vae.path``. Token ids (image pad, vision
+start/end, EOS, pad, vocabulary size) are filled in from the tokenizer at build time, never written in a profile.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ class DiTConfig:
 @dataclasses.dataclass
 class VAEConfig:
     path: str | None = option(None, "local AutoencoderDC directory; null with empty config: pixel space")
-    config: dict = option({}, "AutoencoderDC kwargs when `path` is null (architecture only, e.g. for meta builds)")
+    config: dict = option({}, "AutoencoderDC kwargs when `path` is null: the architecture the `vae` stage trains "
+                                 "(SFT then loads its weights)")
 
     @property
     def pixel_space(self) -> bool:

@@ -49,6 +49,7 @@ from unirl.train.checkpoint import INDEX, CheckpointError, latest_checkpoint, re
 from unirl.train.distributed import barrier, default_device, init_distributed
 from unirl.train.engine import Engine, EngineConfig, build_engine
 from unirl.train.losses import flow_matching_loss, lm_loss
+from unirl.train.vae import with_trained_vae
 
 __all__ = ["SFTConfig", "param_digest", "resolve_run_dir", "run_sft"]
 
@@ -61,6 +62,8 @@ class SFTConfig:
     profile: str = option("tiny", "model profile: configs/<profile>.yaml")
     shards_dir: str = option("data/shards", "curated task shards (output of the curate stage)")
     tokenizer_dir: str = option("data/tokenizer", "trained tokenizer (output of the tokenizer stage)")
+    vae_dir: str = option("data/models/vae", "trained autoencoder (output of the vae stage), for a profile whose vae "
+                                             "is a config without a path; '' = untrained (tests only)")
     out_dir: str = option("data/models/sft", "final model directory (save_pretrained, tokenizer included)")
     run_dir: str = option("", "step checkpoints; a run resumes from the newest one here. Empty: "
                                "data/runs/sft/<hash of the training settings>, so a rerun with other settings "
@@ -309,7 +312,7 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
             raise ValueError(f"sft.{name} must be >= 0, got {getattr(cfg, name)}")
     ckpt, phase0, phase_step0 = _resume_point(cfg)
     tok = load_tokenizer(cfg.tokenizer_dir)
-    mcfg = load_model_config(cfg.profile)
+    mcfg = with_trained_vae(load_model_config(cfg.profile), cfg.vae_dir)
     torch.manual_seed(cfg.seed)
     model = UnifiedModel.build(mcfg, tok).to(default_device(info))
     model.train()
