@@ -10,7 +10,8 @@ Architecture (UniRL-Zero / BLIP3o-MetaQuery style, as the paper's code):
 * **Connector** - see :mod:`unirl.models.connector`; its output replaces SANA's text-encoder features
   (``encoder_hidden_states``; the DiT's own caption_projection and caption_norm still apply).
 * **DM expert** - diffusers' ``SanaTransformer2DModel``, trained as a velocity predictor (``v = eps - x0``, timestep
-  ``1000 * sigma``); latents are DC-AE latents x scaling factor (full) or the RGB image in [-1, 1] (tiny).
+  ``1000 * sigma``); latents are DC-AE latents x scaling factor: SANA's f32c32 DC-AE (full) or the f4c8 one the
+  ``vae`` stage trains (tiny); a profile without a VAE denoises the RGB image in [-1, 1] (pixel space).
 * **Reference path (editing)** - ``ref_patch_embed`` (a copy of the DiT's patch embedding, initialised from it)
   followed by ``ref_proj`` (a zero-initialised Linear); its output is ADDED to the noisy-latent patch embedding.
   Implemented with a forward hook on ``dit.patch_embed`` so the DiT's own forward (and its state-dict keys, hence
