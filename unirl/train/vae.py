@@ -3,7 +3,8 @@
 Profiles whose ``vae`` is given by ``config`` (no pretrained ``path``) get their autoencoder here, before SFT; the
 DiT then denoises its latents instead of pixels. Why the tiny profile has one: in pixel space (32 px, patch 4) the
 tiny DiT did not learn the class of 6-10 px shapes within the SFT budget, even with oracle class labels
-(``bench/dit_shape_ceiling.py``); on this autoencoder's 8x8x8 latents the same DiT does (README, "Why a VAE").
+(``bench/dit_shape_ceiling.py``); on this autoencoder's 8x8x8 latents the same DiT does (README, "Why the tiny
+profile has a VAE").
 
 Variant, against DC-AE (Chen et al., 2024):
 
