@@ -31,12 +31,8 @@ def tokenizer(unirl: UnirlParams) -> dg.MaterializeResult:
                       "latents.")
 def vae(unirl: UnirlParams) -> dg.MaterializeResult:
     cfg = unirl.config(VAEStageConfig, "vae")
-    metrics = train_vae(cfg)
-    meta: dict[str, object] = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
-    if metrics.get("run_url"):
-        meta["mlflow_run"] = dg.MetadataValue.url(metrics["run_url"])
-    if Path(cfg.grid_path).exists():
-        meta["reconstructions"] = image_md(cfg.grid_path, "val images over their reconstructions")
+    train_vae(cfg)
+    meta = _summary_metadata(Path(cfg.metrics_path), {"reconstructions": Path(cfg.grid_path)})
     return dg.MaterializeResult(metadata={"path": dg.MetadataValue.path(cfg.out_dir), **meta})
 
 

@@ -24,9 +24,10 @@ original-vs-reconstruction grid; an MLflow run with the loss every step and the 
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,10 +41,13 @@ from PIL import Image
 
 from unirl.config import option, to_dict
 from unirl.data import verifier
+from unirl.data.shards import atomic_write_json
 from unirl.eval.grid import make_grid, save_image_atomic
 from unirl.models.config import ModelConfig, load_model_config
+from unirl.models.tokenizer import replace_dir
 from unirl.progress import progress_bar
 from unirl.tracking import data_version, make_tracker
+from unirl.train.engine import EngineConfig, lr_factor
 from unirl.train.sft_data import read_split
 
 __all__ = ["VAEStageConfig", "load_images", "load_vae", "reconstruction_metrics", "train_vae", "with_trained_vae"]
@@ -94,14 +98,29 @@ def _reads_same(a: list[verifier.Detection], b: list[verifier.Detection]) -> boo
 
 
 @torch.no_grad()
-def reconstruction_metrics(vae: AutoencoderDC, x: torch.Tensor) -> dict[str, float]:
-    """MSE, PSNR (dB, pixels in [-1, 1]) and the share of images the verifier reads alike before and after."""
-    rec = torch.cat([vae.decode(vae.encode(x[i:i + 64]).latent).sample for i in range(0, len(x), 64)])  # (N,3,R,R)
+def _reconstruct(vae: AutoencoderDC, x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([vae.decode(vae.encode(x[i:i + 64]).latent).sample for i in range(0, len(x), 64)])  # (N,3,R,R)
+
+
+def _metrics(x: torch.Tensor, rec: torch.Tensor) -> dict[str, float]:
     mse = float(F.mse_loss(rec.clamp(-1, 1), x))
     same = [_reads_same(verifier.detect(a), verifier.detect(b)) for a, b in zip(_to_pil(x), _to_pil(rec),
                                                                                  strict=True)]
     return {"mse": mse, "psnr": float(10 * np.log10(4.0 / max(mse, 1e-12))),
             "verifier_agreement": float(np.mean(same))}
+
+
+def reconstruction_metrics(vae: AutoencoderDC, x: torch.Tensor) -> dict[str, float]:
+    """MSE, PSNR (dB, pixels in [-1, 1]) and the share of images the verifier reads alike before and after."""
+    return _metrics(x, _reconstruct(vae, x))
+
+
+def _report(vae: AutoencoderDC, val: torch.Tensor, grid_path: str) -> tuple[dict[str, float], Image.Image]:
+    """Reconstruct ``val`` once: its metrics, and the grid of 8 originals over their reconstructions (saved)."""
+    rec = _reconstruct(vae, val)  # (N, 3, R, R)
+    grid = make_grid([*_to_pil(val[:8]), *_to_pil(rec[:8])], cols=8)
+    save_image_atomic(grid, grid_path)
+    return _metrics(val, rec), grid
 
 
 def with_trained_vae(mcfg: ModelConfig, vae_dir: str) -> ModelConfig:
@@ -115,18 +134,12 @@ def with_trained_vae(mcfg: ModelConfig, vae_dir: str) -> ModelConfig:
     if not (Path(vae_dir) / "config.json").is_file():
         raise FileNotFoundError(f"no trained autoencoder at {vae_dir} (config.json missing): profile "
                                 f"{mcfg.profile!r} needs one; run the vae stage first (unirl vae / dvc repro vae)")
-    mcfg = ModelConfig.from_dict(to_dict(mcfg))
-    mcfg.vae.path = str(vae_dir)
-    return mcfg
+    return dataclasses.replace(mcfg, vae=dataclasses.replace(mcfg.vae, path=str(vae_dir)))
 
 
 def load_vae(path: str | os.PathLike) -> AutoencoderDC:
     """The autoencoder a ``vae`` stage wrote (the MLflow pyfunc loader of its logged model)."""
     return AutoencoderDC.from_pretrained(path).eval()
-
-
-def _lr_at(step: int, total: int, lr: float) -> float:
-    return lr * (0.1 + 0.45 * (1 + np.cos(np.pi * min(step / max(total, 1), 1.0))))
 
 
 def train_vae(cfg: VAEStageConfig) -> dict[str, Any]:
@@ -148,6 +161,7 @@ def train_vae(cfg: VAEStageConfig) -> dict[str, Any]:
     vae = AutoencoderDC(**{**mcfg.vae.config, "scaling_factor": 1.0})
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed)
+    schedule = EngineConfig(schedule="cosine", total_steps=cfg.steps, min_lr_ratio=0.1)
     tracker = make_tracker(cfg.experiment, enabled=cfg.tracking, is_main=True)
     dversion = data_version("dvc.lock", cfg.shards_dir)
     tracker.start("vae", params=to_dict(cfg), tags={"seed": str(cfg.seed), "data_version": str(dversion)})
@@ -163,7 +177,7 @@ def train_vae(cfg: VAEStageConfig) -> dict[str, Any]:
                 raise FloatingPointError(f"vae: non-finite reconstruction loss at step {step + 1}; lower vae.lr "
                                          f"(now {cfg.lr})")
             for g in opt.param_groups:
-                g["lr"] = _lr_at(step, cfg.steps, cfg.lr)
+                g["lr"] = cfg.lr * lr_factor(schedule, step)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -175,18 +189,16 @@ def train_vae(cfg: VAEStageConfig) -> dict[str, Any]:
         with torch.no_grad():
             z = torch.cat([vae.encode(train[i:i + 256]).latent for i in range(0, len(train), 256)])  # (N, C, h, w)
         vae.register_to_config(scaling_factor=float(1.0 / z.std()))
-        metrics = reconstruction_metrics(vae, val)
+        metrics, grid = _report(vae, val, cfg.grid_path)
         metrics.update(latent_std=float(z.std()), latent_mean=float(z.mean()), train_images=len(train),
                        minutes=(time.time() - t0) / 60)
         _save_atomic(vae, Path(cfg.out_dir))
-        grid = make_grid([*_to_pil(val[:8]), *_to_pil(vae.decode(vae.encode(val[:8]).latent).sample)], cols=8)
-        save_image_atomic(grid, cfg.grid_path)
         tracker.log_metrics({f"val/{k}": float(v) for k, v in metrics.items()}, step=cfg.steps)
         tracker.log_image(grid, "reconstructions", cfg.steps)
         tracker.log_checkpoint(cfg.out_dir, cfg.steps, seed=cfg.seed, data_version=dversion, params=to_dict(cfg),
                                loader="unirl.train.vae:load_vae", name="vae")
         metrics["run_url"] = tracker.run_url()
-        _write_json(Path(cfg.metrics_path), metrics)
+        atomic_write_json(cfg.metrics_path, metrics)
         if metrics["verifier_agreement"] < cfg.min_verifier_agreement:
             raise RuntimeError(f"vae: only {metrics['verifier_agreement']:.3f} of val reconstructions read as their "
                                f"original (vae.min_verifier_agreement={cfg.min_verifier_agreement}); train longer "
@@ -208,33 +220,18 @@ def _score_pretrained(cfg: VAEStageConfig, mcfg: ModelConfig) -> dict[str, Any]:
                                 "checkpoint there (nothing is fetched at run time)")
     vae = load_vae(mcfg.vae.path).requires_grad_(False)
     val = load_images(cfg.shards_dir, "val", mcfg.resolution, cfg.max_bad_fraction)[:cfg.eval_images]
-    metrics: dict[str, Any] = {**reconstruction_metrics(vae, val), "pretrained": str(mcfg.vae.path)}
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "pretrained.json", {"path": str(mcfg.vae.path)})
-    save_image_atomic(make_grid([*_to_pil(val[:8]), *_to_pil(vae.decode(vae.encode(val[:8]).latent).sample)],
-                                cols=8), cfg.grid_path)
-    _write_json(Path(cfg.metrics_path), metrics)
+    metrics: dict[str, Any] = {**_report(vae, val, cfg.grid_path)[0], "pretrained": str(mcfg.vae.path)}
+    atomic_write_json(Path(cfg.out_dir) / "pretrained.json", {"path": str(mcfg.vae.path)})
+    atomic_write_json(cfg.metrics_path, metrics)
     return metrics
 
 
 def _save_atomic(vae: AutoencoderDC, out: Path) -> None:
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    vae.save_pretrained(tmp, safe_serialization=True)
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, out)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    """``save_pretrained`` into a temporary sibling directory, then swap it in (as ``unirl.models.io`` does)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        vae.save_pretrained(tmp, safe_serialization=True)
+        replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
