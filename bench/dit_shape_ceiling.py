@@ -1,7 +1,7 @@
 """How fast can the tiny DiT learn the shape at all? Oracle class labels, single objects, pixel vs latent space.
 
     .venv/bin/python bench/dit_shape_ceiling.py [--spaces pixel,latent] [--scales 1.0] [--steps 3000]
-        [--vae data/models/vae] [--threads 1]
+        [--vae data/models/vae] [--threads 1] [--dit '{"num_layers": 4}']
 
 An upper bound for the SFT stage's single_object score (issue 3), free of the LM, the connector, the prompt
 wording and the task mix: for each space and object scale it trains a fresh tiny DiT (``SanaTransformer2DModel``,
@@ -13,7 +13,8 @@ the SFT loss (logit-normal sigma, ``eps - x0`` target, plain MSE, 10% of caption
 * ``latent``: the current tiny profile, the DiT at patch 1 on the 8x8x8 latents of the autoencoder the ``vae``
   stage trained (``--vae``; run ``unirl vae`` first), decoded for judging.
 
-``--scales`` multiplies the world's object radii (1.0 = the curated data: boxes of 6-10 px at 32 px).
+``--scales`` multiplies the world's object radii (1.0 = the curated data: boxes of 6-10 px at 32 px); ``--dit``
+replaces fields of the profile's DiT config (a JSON object), to compare DiT sizes.
 Every ``--eval-every`` steps it prints ``swap_gap`` (relative flow-matching loss increase when the class label is
 replaced by another, on fixed noise: 0 means the DiT ignores the class) and the verifier's judgement of 48 ODE
 samples (20 Euler steps, the profile's shift, no CFG, 16 per class): ``one_object`` (exactly one detection) and
@@ -70,7 +71,7 @@ class ClassDiT:
     ``vae`` (an ``AutoencoderDC``, latent space only) maps images to the DiT's latents and back.
     """
 
-    def __init__(self, seed: int, vae=None) -> None:
+    def __init__(self, seed: int, vae=None, dit_override: dict | None = None) -> None:
         import torch
         from diffusers import SanaTransformer2DModel
 
@@ -82,7 +83,8 @@ class ClassDiT:
         cfg = load_model_config("tiny")
         torch.manual_seed(seed)
         self.vae = vae
-        self.dit = SanaTransformer2DModel(**(cfg.dit.config if vae is not None else {**cfg.dit.config, **PIXEL_DIT}))
+        dit = {**cfg.dit.config, **(dit_override or {})}
+        self.dit = SanaTransformer2DModel(**(dit if vae is not None else {**dit, **PIXEL_DIT}))
         set_dit_self_attention(self.dit, cfg.dit_self_attention)
         self.emb = torch.nn.Embedding(len(SHAPES), self.dit.config.caption_channels)
         torch.nn.init.normal_(self.emb.weight, std=1.0)
@@ -156,8 +158,9 @@ def evaluate(model: ClassDiT, seed: int) -> dict[str, float]:
 
 
 def run_scale(scale: float, steps: int, batch: int, lr: float, eval_every: int, seed: int,
-              vae=None) -> dict[str, float]:
-    """Train and judge one oracle DiT at one object scale; ``vae`` None = pixel space."""
+              vae=None, dit_override: dict | None = None) -> dict[str, float]:
+    """Train and judge one oracle DiT at one object scale; ``vae`` None = pixel space; ``dit_override``: DiT config
+    fields replaced."""
     import torch
 
     from unirl.progress import progress_bar
@@ -165,7 +168,7 @@ def run_scale(scale: float, steps: int, batch: int, lr: float, eval_every: int, 
     rng = random.Random(seed)
     space = "pixel" if vae is None else "latent"
     with object_scale(scale):
-        model = ClassDiT(seed, vae)
+        model = ClassDiT(seed, vae, dit_override)
         params = model.parameters()
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         t0, res = time.perf_counter(), {}
@@ -200,7 +203,14 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dit", default="{}", help='DiT config fields to replace, as JSON (e.g. \'{"num_layers": 4}\')')
     args = ap.parse_args()
+    try:
+        dit_override = json.loads(args.dit)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"--dit must be a JSON object of DiT config fields, got {args.dit!r} ({e})") from e
+    if not isinstance(dit_override, dict):
+        raise SystemExit(f"--dit must be a JSON object of DiT config fields, got {args.dit!r}")
 
     import torch
 
@@ -220,14 +230,14 @@ def main() -> None:
             vae = AutoencoderDC.from_pretrained(args.vae).eval().requires_grad_(False)
         elif space != "pixel":
             raise SystemExit(f"--spaces takes pixel and/or latent, got {space!r}")
-        out[space] = {f"{s:g}": run_scale(s, args.steps, args.batch, args.lr, args.eval_every, args.seed, vae)
-                      for s in scales}
+        out[space] = {f"{s:g}": run_scale(s, args.steps, args.batch, args.lr, args.eval_every, args.seed, vae,
+                                          dit_override) for s in scales}
     print(f"{'space':>6} {'scale':>6} {'swap_gap':>9} {'one_object':>11} {'correct':>8}   "
           f"({args.steps} steps, batch {args.batch})")
     for space, per_scale in out.items():
         for s, r in per_scale.items():
             print(f"{space:>6} {s:>6} {r['swap_gap']:+9.4f} {r['one_object']:11.2f} {r['correct']:8.3f}")
-    print(json.dumps({"steps": args.steps, "batch": args.batch, "spaces": out}))
+    print(json.dumps({"steps": args.steps, "batch": args.batch, "dit": dit_override, "spaces": out}))
 
 
 if __name__ == "__main__":

@@ -53,3 +53,10 @@ def test_a_short_run_reports_finite_figures(space, capsys, load_bench):
     assert math.isfinite(res["swap_gap"])
     assert 0 <= res["correct"] <= 1 and 0 <= res["one_object"] <= 1
     assert f"{space} scale 1.00 step     3" in capsys.readouterr().out
+
+
+def test_dit_override_replaces_config_fields(load_bench):
+    bench = load_bench("dit_shape_ceiling")
+    model = bench.ClassDiT(0, None, {"num_layers": 1})
+    assert len(model.dit.transformer_blocks) == 1 and model.dit.config.in_channels == 3  # pixel space kept
+    assert len(bench.ClassDiT(0, None).dit.transformer_blocks) == 8  # configs/tiny.yaml
