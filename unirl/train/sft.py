@@ -106,7 +106,7 @@ class SFTConfig:
     max_bad_fraction: float = option(0.0, "tolerated share of unreadable samples per shard set")
     # --- evaluation ---
     eval_interval: int = option(500, "log a sample grid of held-out prompts every this many global steps")
-    eval_per_tag: int = option(16, "held-out t2i test prompts per tag in the final evaluation")
+    eval_per_tag: int = option(48, "held-out t2i test prompts per tag in the final evaluation")
     eval_lm_per_task: int = option(40, "held-out prompts per LM task in the final format check")
     eval_steps: int = option(20, "Euler steps of evaluation sampling")
     eval_cfg: float = option(4.0, "CFG scale of evaluation sampling")
