@@ -192,6 +192,17 @@ def run_scale(scale: float, steps: int, batch: int, lr: float, eval_every: int, 
     return {k: round(v, 4) for k, v in res.items()}
 
 
+def _json_object(text: str) -> dict:
+    """argparse type of ``--dit``: a JSON object."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e}): {text!r}") from e
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"not a JSON object of DiT config fields: {text!r}")
+    return value
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--spaces", default="pixel,latent", help="pixel and/or latent (the vae stage's autoencoder)")
@@ -203,14 +214,9 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dit", default="{}", help='DiT config fields to replace, as JSON (e.g. \'{"num_layers": 4}\')')
+    ap.add_argument("--dit", type=_json_object, default={},
+                    help='DiT config fields to replace, as JSON (e.g. \'{"num_layers": 4}\')')
     args = ap.parse_args()
-    try:
-        dit_override = json.loads(args.dit)
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"--dit must be a JSON object of DiT config fields, got {args.dit!r} ({e})") from e
-    if not isinstance(dit_override, dict):
-        raise SystemExit(f"--dit must be a JSON object of DiT config fields, got {args.dit!r}")
 
     import torch
 
@@ -231,13 +237,13 @@ def main() -> None:
         elif space != "pixel":
             raise SystemExit(f"--spaces takes pixel and/or latent, got {space!r}")
         out[space] = {f"{s:g}": run_scale(s, args.steps, args.batch, args.lr, args.eval_every, args.seed, vae,
-                                          dit_override) for s in scales}
+                                          args.dit) for s in scales}
     print(f"{'space':>6} {'scale':>6} {'swap_gap':>9} {'one_object':>11} {'correct':>8}   "
           f"({args.steps} steps, batch {args.batch})")
     for space, per_scale in out.items():
         for s, r in per_scale.items():
             print(f"{space:>6} {s:>6} {r['swap_gap']:+9.4f} {r['one_object']:11.2f} {r['correct']:8.3f}")
-    print(json.dumps({"steps": args.steps, "batch": args.batch, "dit": dit_override, "spaces": out}))
+    print(json.dumps({"steps": args.steps, "batch": args.batch, "dit": args.dit, "spaces": out}))
 
 
 if __name__ == "__main__":

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +22,7 @@ from safetensors.torch import load_model, save_model
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from unirl.models.config import ModelConfig
-from unirl.models.tokenizer import load_tokenizer, replace_dir
+from unirl.models.tokenizer import load_tokenizer, staged_dir
 from unirl.models.unified import DTYPES, UnifiedModel, cast_parameters
 
 FORMAT = "unirl-unified-model"
@@ -44,10 +42,7 @@ def _fix(path: Path) -> str:
 
 
 def save_pretrained(model: UnifiedModel, path: str | os.PathLike) -> Path:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_dir(path) as tmp:
         record: dict[str, Any] = {
             "format": FORMAT,
             "version": VERSION,
@@ -60,10 +55,7 @@ def save_pretrained(model: UnifiedModel, path: str | os.PathLike) -> Path:
         save_model(model, str(tmp / WEIGHTS_FILE))
         if model.tokenizer is not None:
             model.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
-        replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return Path(path)
 
 
 def _json_default(obj: Any) -> Any:

@@ -13,11 +13,12 @@ them in the text the verifier and the format rewards read.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,15 +147,25 @@ def train_tokenizer(
 
 def save_tokenizer(tok: PreTrainedTokenizerBase, out_dir: str | os.PathLike) -> Path:
     """Write ``tok`` to ``out_dir`` atomically: save into a sibling temp dir, then swap it in."""
+    with staged_dir(out_dir) as tmp:
+        tok.save_pretrained(tmp)
+    return Path(out_dir)
+
+
+@contextlib.contextmanager
+def staged_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty sibling temp dir of ``out_dir``; on a clean exit it replaces ``out_dir`` (:func:`replace_dir`).
+
+    On an exception ``out_dir`` is left as it was; the temp dir is removed either way.
+    """
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        tok.save_pretrained(tmp)
+        yield tmp
         replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
 
 def replace_dir(src: Path, dst: Path) -> None:

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +42,7 @@ from unirl.data import verifier
 from unirl.data.shards import atomic_write_json
 from unirl.eval.grid import make_grid, save_image_atomic
 from unirl.models.config import ModelConfig, load_model_config
-from unirl.models.tokenizer import replace_dir
+from unirl.models.tokenizer import staged_dir
 from unirl.progress import progress_bar
 from unirl.tracking import data_version, make_tracker
 from unirl.train.engine import EngineConfig, lr_factor
@@ -192,7 +190,8 @@ def train_vae(cfg: VAEStageConfig) -> dict[str, Any]:
         metrics, grid = _report(vae, val, cfg.grid_path)
         metrics.update(latent_std=float(z.std()), latent_mean=float(z.mean()), train_images=len(train),
                        minutes=(time.time() - t0) / 60)
-        _save_atomic(vae, Path(cfg.out_dir))
+        with staged_dir(cfg.out_dir) as tmp:  # atomic: save_pretrained into a temp dir, then swap it in
+            vae.save_pretrained(tmp, safe_serialization=True)
         tracker.log_metrics({f"val/{k}": float(v) for k, v in metrics.items()}, step=cfg.steps)
         tracker.log_image(grid, "reconstructions", cfg.steps)
         tracker.log_checkpoint(cfg.out_dir, cfg.steps, seed=cfg.seed, data_version=dversion, params=to_dict(cfg),
@@ -224,14 +223,3 @@ def _score_pretrained(cfg: VAEStageConfig, mcfg: ModelConfig) -> dict[str, Any]:
     atomic_write_json(Path(cfg.out_dir) / "pretrained.json", {"path": str(mcfg.vae.path)})
     atomic_write_json(cfg.metrics_path, metrics)
     return metrics
-
-
-def _save_atomic(vae: AutoencoderDC, out: Path) -> None:
-    """``save_pretrained`` into a temporary sibling directory, then swap it in (as ``unirl.models.io`` does)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        vae.save_pretrained(tmp, safe_serialization=True)
-        replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
