@@ -17,7 +17,8 @@ Variant implemented (DESIGN.md section 1, "DM side"):
   ``beta > 0`` the frozen reference model computes its means at the same inputs under ``no_grad`` and the KL is
   Flow-GRPO's ``mean((mu - mu_ref)^2 / (2 s_k^2))`` (:func:`~unirl.rl.flow_sde.dm_kl`: the step's Gaussian KL
   times ``-Delta_k``, kept so the paper's beta values transfer). :func:`replay_step` replays one window step
-  (the per-step loop of the reference code; the benchmark compares both).
+  (the per-step loop of the reference code; the benchmark compares both). Where the one pass does not fit (full
+  scale at 1024 px), ``chunk`` runs it as checkpointed chunks: the same numbers, one chunk's activations.
 * **Loss** (:func:`dm_loss`): :func:`~unirl.rl.flow_sde.dm_grpo_loss` (PPO clip on per-step ratios + beta KL)
   with each sample's advantage on each of its steps. Same CFG scales, steps, conditioning and reference latents
   as the rollout, so the first update's ratio is 1 up to float error (tested to 1e-5).
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from unirl.rl.flow_sde import dm_grpo_loss, dm_kl, ode_step, sde_log_prob, sde_mean_std, sde_noise_scale, sde_step
 from unirl.rl.flow_sde import sde_window as choose_window
@@ -187,16 +189,32 @@ def _conditioning(model: UnifiedModel, rollouts: Sequence[DMRollout], per: int) 
 
 
 def _means(model: UnifiedModel, rollouts: Sequence[DMRollout], x: Tensor, sig: Tensor, sig_n: Tensor,
-           ref: Tensor | None, per: int) -> tuple[Tensor, Tensor]:
-    """Transition mean (N, C, H, W) and std (N, 1, 1, 1) of the stacked transitions under ``model``."""
+           ref: Tensor | None, per: int, chunk: int = 0) -> tuple[Tensor, Tensor]:
+    """Transition mean (N, C, H, W) and std (N, 1, 1, 1) of the stacked transitions under ``model``.
+
+    ``chunk`` > 0 runs the DiT on ``chunk`` transitions at a time; with grad, each chunk is checkpointed (only its
+    inputs and its velocity are kept; backward recomputes it), so activation memory follows the chunk, not G*T.
+    """
     s = rollouts[0].sampling
     cond = _conditioning(model, rollouts, per)
-    v = model.guided_velocity(x, sig, cond, ref, s.cfg_scale, s.ref_cfg_scale)  # (N, C, H, W)
+
+    def velocity(sl: slice) -> Tensor:
+        return model.guided_velocity(x[sl], sig[sl], cond.index(sl), None if ref is None else ref[sl], s.cfg_scale,
+                                     s.ref_cfg_scale)
+
+    if chunk <= 0 or chunk >= len(x):
+        v = velocity(slice(None))  # (N, C, H, W)
+    else:
+        slices = [slice(i, i + chunk) for i in range(0, len(x), chunk)]
+        if torch.is_grad_enabled():
+            v = torch.cat([checkpoint(velocity, sl, use_reentrant=False) for sl in slices])  # (N, C, H, W)
+        else:
+            v = torch.cat([velocity(sl) for sl in slices])
     return sde_mean_std(x, v, sig, sig_n, s.noise_level)
 
 
 def _replay(model: UnifiedModel, ref_model: UnifiedModel | None, rollouts: Sequence[DMRollout],
-            steps: slice) -> ReplayResult:
+            steps: slice, chunk: int = 0) -> ReplayResult:
     s = _check_same_sampling(rollouts)
     W = len(range(*steps.indices(rollouts[0].x.shape[1])))
     x = torch.cat([r.x[:, steps].flatten(0, 1) for r in rollouts])  # (N = sum B * W, C, H, W), sample-major
@@ -206,23 +224,25 @@ def _replay(model: UnifiedModel, ref_model: UnifiedModel | None, rollouts: Seque
     ref = None
     if rollouts[0].ref_latents is not None:
         ref = torch.cat([r.ref_latents.repeat_interleave(W, 0) for r in rollouts])  # (N, C, H, W)
-    mean, std = _means(model, rollouts, x, sig, sig_n, ref, W)  # (N, C, H, W), (N, 1, 1, 1)
+    mean, std = _means(model, rollouts, x, sig, sig_n, ref, W, chunk)  # (N, C, H, W), (N, 1, 1, 1)
     log_prob = sde_log_prob(x_next, mean, std).view(-1, W)  # (sum B, W)
     kl = None
     if ref_model is not None:
         with torch.no_grad():
-            ref_mean = _means(ref_model, rollouts, x, sig, sig_n, ref, W)[0]
+            ref_mean = _means(ref_model, rollouts, x, sig, sig_n, ref, W, chunk)[0]
         kl = dm_kl(mean, ref_mean, sde_noise_scale(sig, sig_n, s.noise_level)).view(-1, W)  # (sum B, W)
     return ReplayResult(log_prob, kl)
 
 
-def replay(model: UnifiedModel, rollouts: Sequence[DMRollout], ref_model: UnifiedModel | None = None) -> ReplayResult:
+def replay(model: UnifiedModel, rollouts: Sequence[DMRollout], ref_model: UnifiedModel | None = None,
+           chunk: int = 0) -> ReplayResult:
     """Recompute log-probs of ALL stored transitions of ``rollouts`` in one batched CFG DiT pass (with grad).
 
     Rows follow the rollouts' order (forward then reverse, ...), each rollout's samples in order; columns are the
-    window steps. With ``ref_model`` the KL to its means at the same inputs is returned too.
+    window steps. With ``ref_model`` the KL to its means at the same inputs is returned too. ``chunk`` > 0 splits
+    the pass into checkpointed chunks of that many transitions (same results, memory of one chunk; see ``_means``).
     """
-    return _replay(model, ref_model, rollouts, slice(None))
+    return _replay(model, ref_model, rollouts, slice(None), chunk)
 
 
 def replay_step(model: UnifiedModel, rollouts: Sequence[DMRollout], step: int,
@@ -233,7 +253,7 @@ def replay_step(model: UnifiedModel, rollouts: Sequence[DMRollout], step: int,
 
 def dm_loss(model: UnifiedModel, ref_model: UnifiedModel | None, rollouts: Sequence[DMRollout],
             advantages: Sequence[Tensor], clip_eps: float, beta: float,
-            update_index: int = 0) -> tuple[Tensor, dict[str, float]]:
+            update_index: int = 0, chunk: int = 0) -> tuple[Tensor, dict[str, float]]:
     """Flow-GRPO loss over every stored transition of ``rollouts`` (advantages: one (B_r,) tensor per rollout).
 
     Stats: ``policy_loss``, ``kl``, ``clip_fraction``, ``ratio_mean``, ``ratio_max_dev``, ``approx_kl_old`` and, on
@@ -241,7 +261,7 @@ def dm_loss(model: UnifiedModel, ref_model: UnifiedModel | None, rollouts: Seque
     """
     if len(advantages) != len(rollouts):
         raise ValueError(f"dm_loss: {len(rollouts)} rollouts but {len(advantages)} advantage tensors")
-    res = replay(model, rollouts, ref_model if beta != 0 else None)
+    res = replay(model, rollouts, ref_model if beta != 0 else None, chunk)
     old = torch.cat([r.log_prob for r in rollouts]).to(res.log_prob.device)  # (sum B, W)
     adv = torch.cat([a.to(res.log_prob.device) for a in advantages])  # (sum B,)
     loss, stats = dm_grpo_loss(res.log_prob, old, adv, clip_eps, beta, res.kl)

@@ -190,7 +190,8 @@ class DMScenarioBase(ScenarioBase):
         """L_DM: Flow-GRPO on the stored transitions of :meth:`dm_trajectories`, replayed in ONE batched DiT pass
         (:func:`unirl.rl.dm_policy.dm_loss`, clip ``rl.clip_eps_dm``, KL weight ``rl.beta_dm``)."""
         rollouts, advs = self.dm_trajectories(rollout, advantages)
-        return dm_loss(model, ref_model, rollouts, advs, self.cfg.clip_eps_dm, self.cfg.beta_dm, update_index)
+        return dm_loss(model, ref_model, rollouts, advs, self.cfg.clip_eps_dm, self.cfg.beta_dm, update_index,
+                       self.cfg.replay_chunk)
 
     def loss(self, model: UnifiedModel, ref_model: UnifiedModel, rollout: Rollout, advantages: torch.Tensor,
              update_index: int) -> tuple[torch.Tensor, dict[str, float]]:

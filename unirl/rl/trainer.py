@@ -71,6 +71,8 @@ class RLConfig:
     lr_dm: float = option(1e-4, "learning rate of the DM side (DiT, connector, queries, reference path)")
     engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
     gradient_checkpointing: bool = option(False, "recompute DiT blocks in backward (full scale: G*T replay fits)")
+    replay_chunk: int = option(0, "transitions per DiT pass in the DM loss replay, each chunk recomputed in "
+                                  "backward; 0 = all G*T in one pass (full scale at 1024 px needs chunks)")
     # --- loss ---
     clip_eps_lm: float = option(0.2, "PPO clip range of the LM token ratios")
     clip_eps_dm: float = option(1e-3, "PPO clip range of the DM step ratios (per-dimension log-probs: small)")
