@@ -147,6 +147,8 @@ def test_chunked_replay_matches_the_one_pass_replay_and_its_gradient(env):
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-6)
+    with pytest.raises(ValueError, match="replay_chunk"):
+        replay(model, rollouts, ref, chunk=-1)
     # the scenario's loss goes through the same path: first-update ratio 1 with chunks
     model2 = copy.deepcopy(base)
     scenario.param_groups(model2)

@@ -167,6 +167,13 @@ def test_advantages_are_zero_mean_per_group_and_param_groups_are_per_expert(root
     assert isinstance(scenario, ScenarioBase)
 
 
+@pytest.mark.parametrize("bad, message", [({"group_size": 1}, "group_size"), ({"inner_updates": 0}, "inner_updates"),
+                                          ({"replay_chunk": -1}, "replay_chunk")])
+def test_train_rl_refuses_bad_settings_with_the_setting_named(root, bad, message):
+    with pytest.raises(ValueError, match=message):
+        train_rl(rl_config(root, "t2i", "bad", **bad))
+
+
 def test_load_rl_config_applies_per_scenario_overrides(tmp_path):
     params = {"profile": "tiny",
               "rl": {"steps": 30, "lr_dm": 1e-4, "rewards": {"geneval": 1.0},

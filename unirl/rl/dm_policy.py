@@ -242,6 +242,8 @@ def replay(model: UnifiedModel, rollouts: Sequence[DMRollout], ref_model: Unifie
     window steps. With ``ref_model`` the KL to its means at the same inputs is returned too. ``chunk`` > 0 splits
     the pass into checkpointed chunks of that many transitions (same results, memory of one chunk; see ``_means``).
     """
+    if chunk < 0:
+        raise ValueError(f"replay: chunk (rl.replay_chunk) must be >= 0 transitions, 0 = one pass; got {chunk}")
     return _replay(model, ref_model, rollouts, slice(None), chunk)
 
 

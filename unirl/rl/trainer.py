@@ -341,6 +341,8 @@ def train_rl(cfg: RLConfig, scenario: Scenario | None = None) -> dict[str, Any]:
         raise ValueError(f"rl.group_size must be >= 2 (advantages are normalised within groups), got {cfg.group_size}")
     if cfg.inner_updates < 1 or cfg.prompts_per_step < 1:
         raise ValueError("rl.inner_updates and rl.prompts_per_step must be >= 1")
+    if cfg.replay_chunk < 0:
+        raise ValueError(f"rl.replay_chunk must be >= 0 (0 = all transitions in one pass), got {cfg.replay_chunk}")
     t_start = time.perf_counter()
     if cfg.torch_threads > 0:
         torch.set_num_threads(cfg.torch_threads)
