@@ -12,7 +12,7 @@ export DS_ACCELERATOR ?= cpu
 export TOKENIZERS_PARALLELISM := false
 PYTEST_ARGS ?= -m "not gpu"
 
-.PHONY: setup demo pipeline test lint ui mlflow-ui bench clean
+.PHONY: setup demo pipeline test lint ui mlflow-ui bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -61,6 +61,13 @@ bench: setup
 	else $(PY) bench/dit_shape_ceiling.py --spaces pixel; fi
 	@if [ -d data/models/sft ]; then $(PY) bench/sft_conditioning.py; \
 	else echo 'bench/sft_conditioning.py skipped: no data/models/sft (run make pipeline first)'; fi
+
+# On a CUDA machine: the gpu-marked tests, then one full-scale t2i GRPO step at 512 and at 1024 px
+# (random weights, nothing downloaded; README, "Full scale on one GPU").
+gpu-check: setup
+	$(PY) -m pytest -m gpu -q -ra tests/test_gpu.py
+	$(PY) bench/gpu_full_scale.py
+	$(PY) bench/gpu_full_scale.py --resolution 1024 --replay-chunk 32
 
 clean:
 	rm -rf data/shards data/tokenizer data/models data/eval .dagster/storage
