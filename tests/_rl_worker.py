@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import sys
 from pathlib import Path
@@ -20,6 +21,8 @@ from unirl.data.shards import write_shards
 from unirl.models import UnifiedModel, load_model_config
 from unirl.models.config import ModelConfig
 from unirl.models.tiny import tiny_tokenizer
+from unirl.rl.dm_policy import DMRollout, DMSampling, dm_rollout
+from unirl.rl.flow_sde import sde_mean_std
 from unirl.rl.trainer import RLConfig, train_rl
 from unirl.train.engine import EngineConfig
 
@@ -82,6 +85,36 @@ def rl_config(root: Path, scenario: str, tag: str, **kw) -> RLConfig:
     )
     base.update(kw)
     return RLConfig(**base)
+
+
+def grad_components(model: UnifiedModel) -> dict[str, set[str]]:
+    """Components whose parameters got a non-zero gradient (``nonzero``) / any gradient (``any``)."""
+    nonzero, any_grad = set(), set()
+    for comp, named in model.parameter_groups().items():
+        for _, p in named:
+            if p.grad is not None:
+                any_grad.add(comp)
+                if bool(p.grad.abs().sum() > 0):
+                    nonzero.add(comp)
+    return {"nonzero": nonzero, "any": any_grad}
+
+
+def check_rollout_log_probs_against_gaussian(model: UnifiedModel, texts: list[str], k: int) -> DMRollout:
+    """A 4-step SDE rollout of ``texts`` (G 2, noise 0.8, CFG 2): at step ``k`` the std matches the closed form
+    ``s_k sqrt(-Delta_k)`` with ``s_k = a sqrt(sigma / (1 - sigma))``, and the stored log-probs match
+    ``torch.distributions.Normal`` at the recomputed mean. Returns the rollout."""
+    sampling = DMSampling(steps=4, noise_level=0.8, cfg_scale=2.0, window_size=4)
+    with torch.no_grad():
+        dm = dm_rollout(model, texts, None, "t2i", 2, sampling, torch.Generator().manual_seed(0))
+        cond = model.encode(texts, None, "t2i").repeat_interleave(2)
+        v = model.guided_velocity(dm.x[:, k], dm.sigma[k], cond, None, 2.0)
+        mean, std = sde_mean_std(dm.x[:, k], v, dm.sigma[k], dm.sigma_next[k], 0.8)
+    s, sn = float(dm.sigma[k]), float(dm.sigma_next[k])
+    closed_form = 0.8 * math.sqrt(s / (1 - s)) * math.sqrt(s - sn)
+    assert abs(float(std[0]) - closed_form) <= 1e-5 * closed_form, (float(std[0]), closed_form)
+    independent = torch.distributions.Normal(mean.double(), std.double()).log_prob(dm.x_next[:, k].double())
+    torch.testing.assert_close(dm.log_prob[:, k].double(), independent.mean(dim=(1, 2, 3)), rtol=0, atol=1e-5)
+    return dm
 
 
 def main(argv: list[str] | None = None) -> int:

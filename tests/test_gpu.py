@@ -9,19 +9,16 @@ off in the fixture so that the fp32 checks keep the CPU suite's tolerances (1e-5
 from __future__ import annotations
 
 import copy
-import dataclasses
-import math
-import random
 from pathlib import Path
 
 import pytest
 import torch
-from _rl_worker import rl_config, small_model, write_data
+from _rl_worker import check_rollout_log_probs_against_gaussian, grad_components, rl_config, small_model, write_data
+from test_rl_lm import config as lm_config
+from test_rl_lm import prompts_of
 
-from unirl.data import tasks
 from unirl.models import UnifiedModel
-from unirl.rl.dm_policy import DMSampling, dm_rollout
-from unirl.rl.flow_sde import sde_mean_std, sde_step
+from unirl.rl.flow_sde import sde_step
 from unirl.rl.scenario import get_scenario
 from unirl.rl.trainer import load_prompts
 from unirl.train.losses import flow_matching_loss, lm_loss
@@ -46,20 +43,22 @@ def env(tmp_path_factory):
     return root, model.to(CUDA), prompts
 
 
-def _task_prompts(task: str, n: int) -> list[dict]:
-    rng = random.Random(f"gpu-{task}")
-    return [{**s.meta, "key": f"{task}_{i}", "images": dict(s.images)}
-            for i, s in enumerate(tasks.generate(task, rng, 32) for _ in range(n))]
+def _nonzero_grads(model: UnifiedModel) -> set[str]:
+    return grad_components(model)["nonzero"]
 
 
-def _lm_config(root: Path, scenario: str, rewards: dict[str, float]):
-    return dataclasses.replace(rl_config(root, "t2i", "unused"), scenario=scenario, rewards=rewards,
-                               max_new_tokens=10, beta_lm=0.05, beta_dm=0.01)
-
-
-def _components_with_grad(model: UnifiedModel) -> set[str]:
-    return {comp for comp, named in model.parameter_groups().items()
-            if any(p.grad is not None and bool(p.grad.abs().sum() > 0) for _, p in named)}
+def _lm_side(env, scenario_name: str, group_size: int):
+    """Policy and frozen reference copies of the env's model, the LM-side scenario (rewards as ``test_rl_lm``) and
+    a rollout of two of its prompts."""
+    root, base, _ = env
+    model = copy.deepcopy(base)
+    ref = copy.deepcopy(base).requires_grad_(False)
+    scenario = get_scenario(scenario_name, lm_config(root, scenario_name))
+    scenario.param_groups(model)
+    with torch.no_grad():
+        rollout = scenario.rollout(model, ref, prompts_of(scenario_name, 2), group_size,
+                                   torch.Generator().manual_seed(0))
+    return model, ref, scenario, rollout
 
 
 def test_model_lives_on_the_gpu(env):
@@ -81,55 +80,35 @@ def test_dm_first_update_ratio_is_one_and_gradients_reach_exactly_the_scenario_p
     assert stats["ratio_max_dev"] < 1e-5 and stats["logprob_gap"] < 1e-5, stats
     loss.backward()
     expected = {"t2i": {"dit", "connector", "t2i_queries"}, "edit": {"dit", "connector", "i2i_queries", "ref"}}[name]
-    assert _components_with_grad(model) == expected
+    assert _nonzero_grads(model) == expected
     assert all(p.grad is None for _, p in model.parameter_groups()["lm"])
 
 
 def test_lm_first_update_ratio_is_one_and_only_the_lm_learns(env):
-    root, base, _ = env
-    model = copy.deepcopy(base)
-    ref = copy.deepcopy(base).requires_grad_(False)
-    cfg = _lm_config(root, "understand", {"answer_accuracy": 1.0, "format": 0.5})
-    scenario = get_scenario("understand", cfg)
-    scenario.param_groups(model)
-    rollout = scenario.rollout(model, ref, _task_prompts("understand", 2), 3, torch.Generator().manual_seed(0))
+    model, ref, scenario, rollout = _lm_side(env, "understand", 3)
     adv = torch.tensor([1.0, -1.0, 0.0, 0.5, -0.5, 0.0], device=CUDA)
     loss, stats = scenario.loss(model, ref, rollout, adv, 0)
     assert stats["ratio_max_dev"] < 1e-5 and abs(stats["kl"]) < 1e-6, stats
     loss.backward()
-    assert _components_with_grad(model) <= {"lm", "vision"} and "lm" in _components_with_grad(model)
+    assert _nonzero_grads(model) <= {"lm", "vision"} and "lm" in _nonzero_grads(model)
 
 
 def test_joint_t2i_cot_ratio_is_one_on_both_experts_and_the_lm_hears_the_dm_loss(env):
-    root, base, _ = env
-    model = copy.deepcopy(base)
-    ref = copy.deepcopy(base).requires_grad_(False)
-    cfg = _lm_config(root, "t2i_cot", {"geneval": 1.0, "format": 0.5})
-    scenario = get_scenario("t2i_cot", cfg)
-    scenario.param_groups(model)
-    with torch.no_grad():
-        rollout = scenario.rollout(model, ref, _task_prompts("t2i_cot", 2), 2, torch.Generator().manual_seed(0))
+    model, ref, scenario, rollout = _lm_side(env, "t2i_cot", 2)
     loss, stats = scenario.loss(model, ref, rollout, torch.tensor([1.0, -1.0, 0.5, -0.5], device=CUDA), 0)
     for side in ("lm", "dm"):
         assert stats[f"{side}/ratio_max_dev"] < 1e-5, (side, stats)
     loss.backward()  # one backward through L_LM + L_DM
-    assert {"lm", "dit", "connector", "t2i_queries"} <= _components_with_grad(model)
+    assert {"lm", "dit", "connector", "t2i_queries"} <= _nonzero_grads(model)
 
 
 def test_sde_log_prob_matches_an_independent_gaussian_density(env):
     _, model, prompts = env
-    texts = [p["prompt"] for p in prompts["t2i"][:2]]
-    sampling = DMSampling(steps=4, noise_level=0.8, cfg_scale=2.0, window_size=4)
+    k = 1
+    dm = check_rollout_log_probs_against_gaussian(model, [p["prompt"] for p in prompts["t2i"][:2]], k)
     with torch.no_grad():
-        dm = dm_rollout(model, texts, None, "t2i", 2, sampling, torch.Generator().manual_seed(0))
-        cond = model.encode(texts, None, "t2i").repeat_interleave(2)
-        k = 1
-        v = model.guided_velocity(dm.x[:, k], dm.sigma[k], cond, None, 2.0)
-        mean, std = sde_mean_std(dm.x[:, k], v, dm.sigma[k], dm.sigma_next[k], 0.8)
-    s, sn = float(dm.sigma[k]), float(dm.sigma_next[k])
-    assert float(std[0]) == pytest.approx(0.8 * math.sqrt(s / (1 - s)) * math.sqrt(s - sn), rel=1e-5)
-    independent = torch.distributions.Normal(mean.double(), std.double()).log_prob(dm.x_next[:, k].double())
-    torch.testing.assert_close(dm.log_prob[:, k].double(), independent.mean(dim=(1, 2, 3)), rtol=0, atol=1e-5)
+        v = model.guided_velocity(dm.x[:, k], dm.sigma[k], model.encode(dm.texts, None, "t2i").repeat_interleave(2),
+                                  None, 2.0)
     # the public step with given noise: x_next = mean + std * noise, and the same density
     noise = torch.randn(dm.x[:, k].shape, device=CUDA)
     x_next, log_prob, m2, s2 = sde_step(dm.x[:, k], v, dm.sigma[k], dm.sigma_next[k], 0.8, noise=noise)

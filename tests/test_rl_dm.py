@@ -4,15 +4,13 @@ batched replay = per-step loop, stored log-probs = an independent Gaussian densi
 from __future__ import annotations
 
 import copy
-import math
 from pathlib import Path
 
 import pytest
 import torch
-from _rl_worker import rl_config, small_model, write_data
+from _rl_worker import check_rollout_log_probs_against_gaussian, grad_components, rl_config, small_model, write_data
 
 from unirl.rl.dm_policy import DMSampling, dm_rollout, replay, replay_step, sample_ode
-from unirl.rl.flow_sde import sde_mean_std
 from unirl.rl.scenario import get_scenario
 from unirl.rl.trainer import load_prompts
 
@@ -34,18 +32,6 @@ def _scenario(root: Path, name: str, **kw):
     cfg = rl_config(root, name, "unused", cfg_scale=3.0, ref_cfg_scale=1.5, sde_steps=4, sde_window_size=2,
                     sde_window_mode="random", **kw)
     return get_scenario(name, cfg)
-
-
-def _grads(model) -> dict[str, set[str]]:
-    """Components whose parameters got a non-zero gradient / any gradient."""
-    nonzero, any_grad = set(), set()
-    for comp, named in model.parameter_groups().items():
-        for _, p in named:
-            if p.grad is not None:
-                any_grad.add(comp)
-                if bool(p.grad.abs().sum() > 0):
-                    nonzero.add(comp)
-    return {"nonzero": nonzero, "any": any_grad}
 
 
 @pytest.mark.parametrize("name", ["t2i", "edit"])
@@ -71,7 +57,7 @@ def test_first_update_ratio_is_one_and_gradients_reach_exactly_the_scenario_para
     assert abs(stats["policy_loss"]) < 1e-5
     loss.backward()
     expected = {"t2i": {"dit", "connector", "t2i_queries"}, "edit": {"dit", "connector", "i2i_queries", "ref"}}[name]
-    g = _grads(model)
+    g = grad_components(model)
     assert g["any"] == expected, g
     assert g["nonzero"] == expected, g  # the queries' gradient crosses the frozen LM
     assert all(p.grad is None for _, p in model.parameter_groups()["lm"])
@@ -158,20 +144,7 @@ def test_chunked_replay_matches_the_one_pass_replay_and_its_gradient(env):
 
 def test_stored_log_probs_match_an_independent_gaussian_density(env):
     root, model, prompts = env
-    sampling = DMSampling(steps=4, noise_level=0.8, cfg_scale=2.0, window_size=4)
-    texts = [p["prompt"] for p in prompts["t2i"][:2]]
-    with torch.no_grad():
-        dm = dm_rollout(model, texts, None, "t2i", 2, sampling, torch.Generator().manual_seed(0))
-        cond = model.encode(texts, None, "t2i").repeat_interleave(2)
-        k = 2
-        v = model.guided_velocity(dm.x[:, k], dm.sigma[k], cond, None, 2.0)
-        mean, std = sde_mean_std(dm.x[:, k], v, dm.sigma[k], dm.sigma_next[k], 0.8)
-    # std against the closed form s_k sqrt(-Δ_k), s_k = a sqrt(σ/(1-σ))
-    s, sn = float(dm.sigma[k]), float(dm.sigma_next[k])
-    assert float(std[0]) == pytest.approx(0.8 * math.sqrt(s / (1 - s)) * math.sqrt(s - sn), rel=1e-5)
-    normal = torch.distributions.Normal(mean.double(), std.double())
-    independent = normal.log_prob(dm.x_next[:, k].double()).mean(dim=(1, 2, 3))  # (B,)
-    torch.testing.assert_close(dm.log_prob[:, k].double(), independent, rtol=0, atol=1e-5)
+    dm = check_rollout_log_probs_against_gaussian(model, [p["prompt"] for p in prompts["t2i"][:2]], 2)
     assert dm.window == [0, 1, 2, 3] and torch.isfinite(dm.log_prob).all()
 
 

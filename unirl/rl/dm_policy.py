@@ -205,11 +205,8 @@ def _means(model: UnifiedModel, rollouts: Sequence[DMRollout], x: Tensor, sig: T
     if chunk <= 0 or chunk >= len(x):
         v = velocity(slice(None))  # (N, C, H, W)
     else:
-        slices = [slice(i, i + chunk) for i in range(0, len(x), chunk)]
-        if torch.is_grad_enabled():
-            v = torch.cat([checkpoint(velocity, sl, use_reentrant=False) for sl in slices])  # (N, C, H, W)
-        else:
-            v = torch.cat([velocity(sl) for sl in slices])
+        run = (lambda sl: checkpoint(velocity, sl, use_reentrant=False)) if torch.is_grad_enabled() else velocity
+        v = torch.cat([run(slice(i, i + chunk)) for i in range(0, len(x), chunk)])  # (N, C, H, W)
     return sde_mean_std(x, v, sig, sig_n, s.noise_level)
 
 
