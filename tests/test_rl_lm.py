@@ -362,3 +362,34 @@ def test_lm_scenarios_run_four_steps_and_leave_the_dm_unchanged(root, scenario) 
     assert _changed(before, after, "lm.model.language_model.")
     for prefix in ("dit.", "connector.", "t2i_queries", "i2i_queries", "ref_proj.", "ref_patch_embed."):
         assert not _changed(before, after, prefix), prefix
+
+
+def test_lm_grpo_moves_the_policy_in_the_direction_of_the_rewards_sign(root) -> None:
+    """The LM engine optimises: rewarding +completion length lengthens the sampled completions, -length shortens them.
+
+    Judged on the saved models' samples at a fixed seed (48 completions of 6 held-out questions).
+    """
+    from unirl.models import UnifiedModel
+
+    write_task_shards(root, "understand")
+    questions = prompts_of("understand", 6, seed="direction") * 8
+    texts = [p["prompt"] for p in questions]
+    images = [p.get("images", {}).get("png") for p in questions]
+
+    def mean_length(path: Path) -> float:
+        out = UnifiedModel.from_pretrained(path).sample_text(texts, images, max_new_tokens=10, temperature=1.0,
+                                                             seed=3)
+        return sum(len(t) for t in out.texts) / len(out.texts)
+
+    finals = {}
+    for sign in (1, -1):
+        name = f"test_length_{'up' if sign > 0 else 'down'}"
+        register(name)(lambda samples, prompts, metadata, s=sign: [s * len(t) / 100 for t in samples])
+        try:
+            cfg = config(root, "understand", f"run_{name}", steps=16, group_size=4, lr_lm=3e-3, rewards={name: 1.0})
+            train_rl(cfg)
+        finally:
+            unregister(name)
+        finals[sign] = mean_length(Path(cfg.out_dir))
+    start = mean_length(root / "sft")
+    assert finals[1] > start + 1.0 and finals[-1] < start - 1.0, (start, finals)  # measured 18.9 -> 21.5 / 15.9

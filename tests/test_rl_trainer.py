@@ -299,3 +299,37 @@ def test_eval_prompts_are_balanced_over_tags(root):
     assert len(test) == 4 and len({p["tag"] for p in test}) == min(4, len({p["tag"] for p in load_prompts(
         root / "shards", "t2i", "test")}))
     assert {"key", "images", "prompt", "metadata"} <= set(test[0])
+
+
+def _mean_grey(images) -> float:
+    import numpy as np
+
+    return float(np.mean([np.asarray(im.convert("L"), dtype=np.float32).mean() / 255 for im in images]))
+
+
+def test_grpo_moves_the_policy_in_the_direction_of_the_rewards_sign(root):
+    """The engine optimises: with reward +grey level the ODE samples get brighter, with -grey level darker.
+
+    A dense reward the policy can move (the verifier scores a random model 0 everywhere). Judged on the saved models'
+    ODE samples at fixed seeds, so neither the training noise nor the rollout's SDE decides the comparison.
+    """
+    from unirl.models import UnifiedModel
+
+    prompts = ["a picture of a circle", "two red squares", "a blue triangle", "a canvas with a square"] * 4
+
+    def grey_of(path: Path) -> float:
+        return _mean_grey(UnifiedModel.from_pretrained(path).generate_images(prompts, steps=3, seed=7))
+
+    finals = {}
+    for sign in (1, -1):
+        name = f"test_grey_{'up' if sign > 0 else 'down'}"
+        register(name)(lambda samples, prompts, metadata, s=sign: [s * _mean_grey([im]) for im in samples])
+        try:
+            cfg = rl_config(root, "t2i", f"run_{name}", steps=8, prompts_per_step=2, group_size=4, eval_prompts=1,
+                            rewards={name: 1.0})
+            train_rl(cfg)
+        finally:
+            unregister(name)
+        finals[sign] = grey_of(Path(cfg.out_dir))
+    start = grey_of(root / "sft")
+    assert finals[1] > start + 0.02 and finals[-1] < start - 0.01, (start, finals)  # measured 0.42 -> 0.51 / 0.39

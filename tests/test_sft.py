@@ -69,6 +69,8 @@ def test_run_sft_writes_every_output_and_tracks(project: Path, tmp_path: Path, m
     for v in metrics["geneval"]["per_tag"].values():
         assert 0.0 <= v["correct"] <= v["score"] <= 1.0 and v["n"] == 1
     assert set(metrics["lm_format"]) == set(D.LM_TASKS)
+    assert set(metrics["lm_image_nats"]) == {"understand", "reflect"}  # the tasks whose prompts show an image
+    assert all(abs(v) < 1e3 for v in metrics["lm_image_nats"].values())
     rows = Path(cfg.loss_csv).read_text().splitlines()
     assert rows[0] == "step,phase,loss" and len(rows) == 1 + cfg.lm_steps + cfg.dm_steps
     assert [r.split(",")[1] for r in rows[1:]] == ["lm"] * 2 + ["dm"] * 3
@@ -90,6 +92,18 @@ def test_run_sft_writes_every_output_and_tracks(project: Path, tmp_path: Path, m
     models = mlflow.search_logged_models(experiment_ids=[exp.experiment_id], output_format="list")
     assert sorted(int(m.tags["step"]) for m in models) == [2, 4, 5]
     assert all(m.tags["seed"] == "0" for m in models)
+
+
+def test_image_information_is_zero_when_every_example_shows_the_same_image(project: Path) -> None:
+    torch.manual_seed(0)
+    model = UnifiedModel.build(load_model_config("tiny"), load_tokenizer(project / "tokenizer")).eval()
+    data = D.load_lm_data(project / "data" / "shards", D.LM_TASKS, "train", 0.0, 32)
+    seen = D.image_information(model, data, per_task=4)
+    assert set(seen) == {"understand", "reflect"}  # text-only tasks are left out
+    assert all(v != 0.0 for v in seen.values())  # a random LM's likelihoods depend on the image it is shown
+    one = next(e.image for e in data["reflect"] if e.image is not None)
+    same = {t: [dataclasses.replace(e, image=one) for e in data[t] if e.image is not None] for t in ("reflect",)}
+    assert D.image_information(model, same, per_task=4) == {"reflect": 0.0}  # swapping equal images changes nothing
 
 
 def test_gradients_reach_exactly_each_phase_parameters(project: Path, tmp_path: Path) -> None:

@@ -425,7 +425,8 @@ def _finish(model: UnifiedModel, cfg: SFTConfig, tracker: Any, losses: _LossLog,
         lm_heldout = D.load_lm_data(cfg.shards_dir, list(cfg.lm_task_weights), "test", cfg.max_bad_fraction,
                                     model.config.resolution)
         fmt = D.evaluate_lm_format(model, lm_heldout, cfg.eval_lm_per_task, cfg.eval_max_new_tokens)
-        metrics = {"geneval": geneval, "lm_format": fmt, "train_minutes": train_minutes,
+        seen = D.image_information(model, lm_heldout, cfg.eval_lm_per_task)
+        metrics = {"geneval": geneval, "lm_format": fmt, "lm_image_nats": seen, "train_minutes": train_minutes,
                    "eval_minutes": (time.time() - t0) / 60, "stopped_early": stopped_early,
                    "run_url": tracker.run_url(),
                    "final_loss": {p: next((v for s, q, v in reversed(losses.rows) if q == p), None)
@@ -439,6 +440,7 @@ def _finish(model: UnifiedModel, cfg: SFTConfig, tracker: Any, losses: _LossLog,
         flat = {f"eval/{t}/correct": v["correct"] for t, v in geneval["per_tag"].items()}
         flat |= {f"eval/{t}/score": v["score"] for t, v in geneval["per_tag"].items()}
         flat |= {f"eval/format/{t}": v["format_rate"] for t, v in fmt.items()}
+        flat |= {f"eval/image_nats/{t}": v for t, v in seen.items()}
         flat |= {f"eval/overall_{k}": v for k, v in geneval["overall"].items()}
         total = cfg.lm_steps + cfg.dm_steps
         tracker.log_metrics(flat, step=total)
@@ -470,5 +472,7 @@ def _report(metrics: dict[str, Any]) -> str:
     lines.append(f"  {'overall':14s} correct {g['overall']['correct']:.3f}  score {g['overall']['score']:.3f}")
     lines += [f"  format {t:14s} {v['format_rate']:.3f}  exact answer {v['answer_exact']:.3f}"
               for t, v in metrics["lm_format"].items()]
+    lines += [f"  image information {t:14s} {v:.3f} nats per response (0: the LM ignores the image)"
+              for t, v in metrics.get("lm_image_nats", {}).items()]
     lines.append(f"  train minutes {metrics['train_minutes']:.2f}  eval minutes {metrics['eval_minutes']:.2f}")
     return "\n".join(lines)

@@ -100,6 +100,34 @@ def sample_lm_batch(data: Mapping[str, Sequence[LMExample]], weights: Mapping[st
     return [data[tasks[k]][int(rng.integers(len(data[tasks[k]])))] for k in picks]
 
 
+@torch.no_grad()
+def image_information(model: UnifiedModel, data: Mapping[str, Sequence[LMExample]], per_task: int,
+                      batch_size: int = 32) -> dict[str, float]:
+    """How much the LM reads its images: per task, the mean gain in log-likelihood (nats per response) of the target
+    responses given their own image over the same responses given another example's image (the images rolled by
+    one within each batch).
+
+    About 0 means the LM answers from the text alone (the prior); tasks without images are left out. Only examples
+    with an image count; a batch of one, or one whose images are all equal, measures nothing and is skipped.
+    """
+    out: dict[str, float] = {}
+    for task, examples in data.items():
+        ex = [e for e in examples if e.image is not None][:per_task]
+        gains: list[float] = []
+        for i in range(0, len(ex), batch_size):
+            chunk = ex[i:i + batch_size]
+            if len(chunk) < 2:
+                continue
+            prompts, images = [e.prompt for e in chunk], [e.image for e in chunk]
+            ids = [model.inputs.response_ids(e.response) for e in chunk]
+            own, mask = model.completion_logprobs(prompts, ids, images)  # (B, T) each
+            other, _ = model.completion_logprobs(prompts, ids, images[1:] + images[:1])  # (B, T)
+            gains += ((own - other) * mask).sum(-1).tolist()
+        if gains:
+            out[task] = float(np.mean(gains))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------- DM data
 @dataclass
 class DMData:
