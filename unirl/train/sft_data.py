@@ -108,7 +108,7 @@ def image_information(model: UnifiedModel, data: Mapping[str, Sequence[LMExample
     one within each batch).
 
     About 0 means the LM answers from the text alone (the prior); tasks without images are left out. Only examples
-    with an image count; a batch of one, or one whose images are all equal, measures nothing and is skipped.
+    with an image count; a final batch of one has no other image to swap in and is skipped.
     """
     out: dict[str, float] = {}
     for task, examples in data.items():
