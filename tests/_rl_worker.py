@@ -7,11 +7,14 @@ directory and writes ``<out>/rank{R}.json`` with a digest of the final parameter
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import random
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from _worker_common import param_digest
@@ -21,6 +24,7 @@ from unirl.data.shards import write_shards
 from unirl.models import UnifiedModel, load_model_config
 from unirl.models.config import ModelConfig
 from unirl.models.tiny import tiny_tokenizer
+from unirl.rewards import register, unregister
 from unirl.rl.dm_policy import DMRollout, DMSampling, dm_rollout
 from unirl.rl.flow_sde import sde_mean_std
 from unirl.rl.trainer import RLConfig, train_rl
@@ -85,6 +89,30 @@ def rl_config(root: Path, scenario: str, tag: str, **kw) -> RLConfig:
     )
     base.update(kw)
     return RLConfig(**base)
+
+
+@contextlib.contextmanager
+def registered_reward(name: str, fn: Callable) -> Iterator[str]:
+    """``fn`` registered as reward ``name`` for the duration of the block."""
+    register(name)(fn)
+    try:
+        yield name
+    finally:
+        unregister(name)
+
+
+def train_both_signs(stem: str, score: Callable[[Any], float],
+                     make_config: Callable[[str], RLConfig]) -> dict[int, Path]:
+    """Two ``train_rl`` runs, with reward ``+score(sample)`` and ``-score(sample)`` (registered as ``<stem>_up`` /
+    ``<stem>_down``; ``make_config(reward_name)`` gives each run's config); returns sign -> saved model dir."""
+    out = {}
+    for sign in (1, -1):
+        name = f"{stem}_{'up' if sign > 0 else 'down'}"
+        with registered_reward(name, lambda samples, prompts, metadata, s=sign: [s * score(x) for x in samples]):
+            cfg = make_config(name)
+            train_rl(cfg)
+        out[sign] = Path(cfg.out_dir)
+    return out
 
 
 def grad_components(model: UnifiedModel) -> dict[str, set[str]]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _rl_worker import small_model
+from _rl_worker import registered_reward, small_model, train_both_signs
 from safetensors.torch import load_file
 
 import unirl.rewards.judge as judge_module
@@ -20,7 +20,6 @@ import unirl.rl.lm_policy as lm_policy_module
 from unirl.data import tasks
 from unirl.data.shards import write_shards
 from unirl.models.unified import TextSamples
-from unirl.rewards import register, unregister
 from unirl.rewards.judge import judgement_reward
 from unirl.rewards.text import answer_accuracy, format_reward
 from unirl.rl.grpo import group_advantages
@@ -333,14 +332,11 @@ def length_reward_registered() -> Iterator[str]:
     """A text reward with spread on a random model (its accuracy, format, judgement and verifier rewards are all 0,
     so the advantages would all be 0 and nothing would train)."""
 
-    @register(LENGTH_REWARD)
     def completion_length(samples, prompts, metadata):
         return [len(s) / 100 for s in samples]
 
-    try:
-        yield LENGTH_REWARD
-    finally:
-        unregister(LENGTH_REWARD)
+    with registered_reward(LENGTH_REWARD, completion_length) as name:
+        yield name
 
 
 @pytest.mark.slow
@@ -381,15 +377,8 @@ def test_lm_grpo_moves_the_policy_in_the_direction_of_the_rewards_sign(root) -> 
                                                              seed=3)
         return sum(len(t) for t in out.texts) / len(out.texts)
 
-    finals = {}
-    for sign in (1, -1):
-        name = f"test_length_{'up' if sign > 0 else 'down'}"
-        register(name)(lambda samples, prompts, metadata, s=sign: [s * len(t) / 100 for t in samples])
-        try:
-            cfg = config(root, "understand", f"run_{name}", steps=16, group_size=4, lr_lm=3e-3, rewards={name: 1.0})
-            train_rl(cfg)
-        finally:
-            unregister(name)
-        finals[sign] = mean_length(Path(cfg.out_dir))
+    models = train_both_signs("test_length", lambda text: len(text) / 100, lambda name: config(
+        root, "understand", f"run_{name}", steps=16, group_size=4, lr_lm=3e-3, rewards={name: 1.0}))
+    finals = {sign: mean_length(path) for sign, path in models.items()}
     start = mean_length(root / "sft")
     assert finals[1] > start + 1.0 and finals[-1] < start - 1.0, (start, finals)  # measured 18.9 -> 21.5 / 15.9

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from _rl_worker import param_digest, prepare, rl_config
+from _rl_worker import param_digest, prepare, rl_config, train_both_signs
 from safetensors.torch import load_file
 
 from unirl.rewards import RewardError, register, unregister
@@ -320,16 +320,8 @@ def test_grpo_moves_the_policy_in_the_direction_of_the_rewards_sign(root):
     def grey_of(path: Path) -> float:
         return _mean_grey(UnifiedModel.from_pretrained(path).generate_images(prompts, steps=3, seed=7))
 
-    finals = {}
-    for sign in (1, -1):
-        name = f"test_grey_{'up' if sign > 0 else 'down'}"
-        register(name)(lambda samples, prompts, metadata, s=sign: [s * _mean_grey([im]) for im in samples])
-        try:
-            cfg = rl_config(root, "t2i", f"run_{name}", steps=8, prompts_per_step=2, group_size=4, eval_prompts=1,
-                            rewards={name: 1.0})
-            train_rl(cfg)
-        finally:
-            unregister(name)
-        finals[sign] = grey_of(Path(cfg.out_dir))
+    models = train_both_signs("test_grey", lambda im: _mean_grey([im]), lambda name: rl_config(
+        root, "t2i", f"run_{name}", steps=8, prompts_per_step=2, group_size=4, eval_prompts=1, rewards={name: 1.0}))
+    finals = {sign: grey_of(path) for sign, path in models.items()}
     start = grey_of(root / "sft")
     assert finals[1] > start + 0.02 and finals[-1] < start - 0.01, (start, finals)  # measured 0.42 -> 0.51 / 0.39
