@@ -25,6 +25,7 @@ from unirl.models import UnifiedModel, load_model_config, load_tokenizer
 from unirl.models.tokenizer import TokenizerConfig, build_tokenizer
 from unirl.train import CheckpointError, EngineConfig
 from unirl.train import sft_data as D
+from unirl.train.checkpoint import load_checkpoint
 from unirl.train.losses import flow_matching_loss, lm_loss
 from unirl.train.sft import SFTConfig, _phase_engine, run_sft
 from unirl.train.vae import VAEStageConfig, train_vae
@@ -187,7 +188,7 @@ def _env() -> dict[str, str]:
 
 @pytest.mark.slow
 def test_resume_after_sigkill_matches_uninterrupted_run(project: Path, tmp_path: Path) -> None:
-    kw = dict(lm_steps=2, dm_steps=10, checkpoint_interval=2, eval_per_tag=1, eval_lm_per_task=1)
+    kw = dict(lm_steps=2, dm_steps=10, checkpoint_interval=2, eval_per_tag=1, eval_lm_per_task=1, ema_decay=0.9)
     ref_cfg = small_cfg(project, tmp_path / "ref", **kw)
     # Every run in a fresh process, so that no state left by other tests in this process changes the numerics.
     subprocess.run(_worker(ref_cfg, tmp_path / "wref"), env=_env(), cwd=ROOT, check=True, timeout=300)
@@ -212,6 +213,13 @@ def test_resume_after_sigkill_matches_uninterrupted_run(project: Path, tmp_path:
         assert torch.equal(ref[k], got[k]), k
     ref_rows = Path(ref_cfg.loss_csv).read_text().splitlines()
     assert Path(cfg.loss_csv).read_text().splitlines() == ref_rows  # the loss history survives the kill
+    # The saved model is the DM phase's weight average: the DiT differs from the last step's iterate, the LM not.
+    last = load_checkpoint(Path(ref_cfg.run_dir) / "step-000012").model_state  # tied weights restored too
+    dit = [k for k in ref if k.startswith("dit.")]
+    lm = [k for k in ref if k.startswith("lm.")]
+    assert dit and lm
+    assert any(not torch.equal(ref[k], last[k]) for k in dit)
+    assert all(torch.equal(ref[k], last[k]) for k in lm)
 
 
 @pytest.mark.slow

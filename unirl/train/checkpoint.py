@@ -363,13 +363,18 @@ def save_training_checkpoint(
     step: int,
     extra: dict[str, Any] | None = None,
     keep_last: int | None = None,
+    stage_state: dict[str, Any] | None = None,
 ) -> Path:
     """Save model + optimiser + every rank's RNG state. Collective: call on all ranks; rank 0 writes.
 
+    ``stage_state``: the stage's own tensors beyond the engine's (e.g. a weight average), nested dict of tensors
+    and JSON scalars, stored as ``engine_state["stage"]`` of the checkpoint (rank 0's).
     Returns the checkpoint path (on every rank, after all ranks passed a barrier).
     """
     model_state = engine.model_state_dict()
     engine_state = engine.state_dict_for_checkpoint()
+    if stage_state is not None:
+        engine_state["stage"] = stage_state
     rank, world = _world()
     rng = capture_rng_state()
     ranks = [rng]

@@ -16,6 +16,8 @@ step ``lm_steps + s``):
 Every batch and every noise draw is a function of ``(seed, phase, step, micro-batch, rank)``, so stopping and
 resuming from the latest checkpoint in ``run_dir`` reproduces an uninterrupted run exactly on CPU. The same entry
 point runs as one process or under ``torchrun``/``deepspeed`` (the engine averages gradients; rank 0 writes).
+The saved model holds, with ``ema_decay`` > 0, the exponential moving average of the DM phase's trained weights
+(:mod:`unirl.train.ema`; the step checkpoints keep the iterate and the average, so a resume is exact).
 Outputs: ``save_pretrained(out_dir)`` (with the tokenizer), held-out metrics JSON (GenEval-style per tag via the
 verifier; LM format rate per task), the loss CSV and plot, the final sample grid; MLflow run with losses and
 learning rates every step, a sample grid each ``eval_interval`` and every checkpoint logged as a model.
@@ -47,6 +49,7 @@ from unirl.tracking import data_version, make_tracker
 from unirl.train import sft_data as D
 from unirl.train.checkpoint import INDEX, CheckpointError, latest_checkpoint, resume_training, save_training_checkpoint
 from unirl.train.distributed import barrier, default_device, init_distributed
+from unirl.train.ema import WeightEMA
 from unirl.train.engine import Engine, EngineConfig, build_engine
 from unirl.train.losses import flow_matching_loss, lm_loss
 from unirl.train.vae import with_trained_vae
@@ -98,6 +101,8 @@ class SFTConfig:
     drop_text: float = option(0.05, "condition dropout: text only")
     drop_ref: float = option(0.05, "condition dropout: reference only")
     drop_both: float = option(0.05, "condition dropout: both")
+    ema_decay: float = option(0.0, "EMA of the DM phase's trained weights (unirl.train.ema); the saved model is the "
+                                   "average, the step checkpoints keep both. 0 = save the last iterate")
     # --- engine / schedule ---
     engine: EngineConfig = dataclasses.field(default_factory=lambda: EngineConfig(warmup_steps=50))
     checkpoint_interval: int = option(500, "save a checkpoint every this many global steps (and at phase ends)")
@@ -335,15 +340,19 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     try:
         stopped_early = False
         engine: Engine | None = None
+        ema: WeightEMA | None = None
         for phase in ("lm", "dm"):
             n_steps = cfg.lm_steps if phase == "lm" else cfg.dm_steps
             offset = 0 if phase == "lm" else cfg.lm_steps
             if n_steps == 0 or (phase == "lm" and phase0 == "dm"):
                 continue
             engine = _phase_engine(model, cfg, phase)
+            ema = WeightEMA(engine.trainable, cfg.ema_decay) if phase == "dm" and cfg.ema_decay > 0 else None
             start = 0
             if ckpt is not None and phase == phase0:
-                resume_training(engine, ckpt)
+                loaded = resume_training(engine, ckpt)
+                if ema is not None:
+                    ema.load_state_dict(((loaded.engine_state or {}).get("stage") or {}).get("ema"), loaded.path)
                 start = phase_step0
                 losses = _LossLog(Path(cfg.run_dir) / "loss.csv", offset + start, main)
             bar.n = offset + start
@@ -355,6 +364,8 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
                     loss, kind = _lm_step(engine, cfg, lm_train, s, rank), "lm"
                 else:
                     loss, kind = _dm_step(engine, cfg, dm_train, tag_index, s, rank)
+                    if ema is not None:
+                        ema.update()
                 losses.add(gstep, phase, loss)
                 lrs = {f"lr/{k}": v for k, v in engine.lr().items()}
                 tracker.log_metrics({f"loss/{phase}": loss, f"loss/{phase}_{kind}": loss,
@@ -367,7 +378,8 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
                     losses.write()  # before the checkpoint: a resume keeps the rows up to its step
                     path = save_training_checkpoint(engine, cfg.run_dir, gstep, keep_last=cfg.keep_last,
                                                     extra={"phase": phase, "phase_step": s + 1,
-                                                           "config": training_signature(cfg)})
+                                                           "config": training_signature(cfg)},
+                                                    stage_state={"ema": ema.state_dict()} if ema is not None else None)
                     tracker.log_checkpoint(path, gstep, seed=cfg.seed, data_version=dversion, params=params)
                 if phase == "dm" and main and (gstep % cfg.eval_interval == 0 or last):
                     _log_grid(model, grid_items, cfg, tracker, gstep)
@@ -378,7 +390,7 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
                 break
         bar.close()
         train_minutes = (time.time() - t_start) / 60
-        _detach_from_engine(model, engine)
+        _detach_from_engine(model, engine, ema)
         summary = _finish(model, cfg, tracker, losses, heldout, grid_items, main, train_minutes, stopped_early)
         status = "FINISHED"
         return summary
@@ -397,8 +409,9 @@ def _log_grid(model: UnifiedModel, items: list[dict], cfg: SFTConfig, tracker: A
     return grid
 
 
-def _detach_from_engine(model: UnifiedModel, engine: Engine | None) -> None:
-    """Give every parameter its own storage in the profile dtype, holding the engine's (fp32 master) values.
+def _detach_from_engine(model: UnifiedModel, engine: Engine | None, ema: WeightEMA | None = None) -> None:
+    """Give every parameter its own storage in the profile dtype, holding the engine's (fp32 master) values,
+    or with ``ema`` the weight average in place of the trained parameters.
 
     DeepSpeed ZeRO keeps parameters as views of flat buffers (which safetensors refuses to save) and, with bf16,
     the module in bf16; this is a collective (``model_state_dict`` gathers), so every rank calls it.
@@ -408,7 +421,7 @@ def _detach_from_engine(model: UnifiedModel, engine: Engine | None) -> None:
     for p in model.parameters():
         p.data = p.data.detach().clone().to(dtype)
     if state is not None:
-        model.load_state_dict(state)
+        model.load_state_dict(ema.averaged(state) if ema is not None else state)
 
 
 def _finish(model: UnifiedModel, cfg: SFTConfig, tracker: Any, losses: _LossLog, heldout: list[dict],
