@@ -82,6 +82,11 @@ class Checkpoint:
     rng_state: dict[str, Any] | None
     extra: dict[str, Any]
 
+    @property
+    def stage_state(self) -> dict[str, Any]:
+        """The ``stage_state`` given to :func:`save_training_checkpoint` (``{}`` when none was)."""
+        return (self.engine_state or {}).get("stage") or {}
+
 
 def check_key_sets(expected: Iterable[str], got: Iterable[str], what: str, path: Path | str | None = None) -> None:
     """Raise :class:`CheckpointError` naming the missing/unexpected keys when two key sets differ."""

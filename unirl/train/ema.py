@@ -72,10 +72,10 @@ class WeightEMA:
         if not state or "shadow" not in state:
             raise CheckpointError(f"no weight average (EMA){where}: the run that wrote it had the average off; resume "
                                   "with the same settings, or start a new run")
-        if abs(float(state["decay"]) - self.decay) > 0.0:
+        if float(state["decay"]) != self.decay:
             raise CheckpointError(f"the weight average{where} has decay {state['decay']}, this run {self.decay}: "
                                   "resume with the same decay, or start a new run")
         check_key_sets(self.shadow.keys(), state["shadow"].keys(), "weight average (EMA)", source)
         self.updates = int(state["updates"])
         for n, t in state["shadow"].items():
-            self.shadow[n] = t.detach().float().clone().reshape(self.shadow[n].shape).to(self.shadow[n].device)
+            self.shadow[n].copy_(t.reshape(self.shadow[n].shape))

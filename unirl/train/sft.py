@@ -352,7 +352,7 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
             if ckpt is not None and phase == phase0:
                 loaded = resume_training(engine, ckpt)
                 if ema is not None:
-                    ema.load_state_dict(((loaded.engine_state or {}).get("stage") or {}).get("ema"), loaded.path)
+                    ema.load_state_dict(loaded.stage_state.get("ema"), loaded.path)
                 start = phase_step0
                 losses = _LossLog(Path(cfg.run_dir) / "loss.csv", offset + start, main)
             bar.n = offset + start
