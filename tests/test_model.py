@@ -12,6 +12,7 @@ from PIL import Image
 
 from unirl.models import Conditioning, UnifiedModel, load_model_config
 from unirl.models.io import CheckpointError
+from unirl.models.sampling import next_token
 from unirl.models.tiny import tiny_tokenizer
 from unirl.train.losses import flow_matching_loss, lm_loss
 
@@ -243,6 +244,39 @@ def test_greedy_sampling_with_kv_cache_matches_full_recompute(model):
             with torch.no_grad():
                 ids.append(int(model.lm_logits(batch)[0, -1].argmax()))
         assert ids == out.completion_ids[i]
+
+
+def test_next_token_draws_from_the_tempered_softmax_and_never_a_masked_token():
+    """The inverse-CDF draw: token frequencies over 200k rows match softmax(logits / T) (standard error ~1e-3),
+    top-k leaves the other tokens at frequency 0, temperature 0 is the argmax, and one seed repeats the draw."""
+    logits = torch.tensor([[0.0, 1.0, 2.0, -1.0, 0.5]]).repeat(200_000, 1)  # (N, V)
+    for temperature, top_k in ((1.0, None), (0.5, None), (1.5, 3)):
+        tok = next_token(logits, temperature, top_k, torch.Generator().manual_seed(1))  # (N,)
+        freq = torch.bincount(tok, minlength=5).double() / len(tok)
+        kept = logits[0].double() / temperature
+        if top_k is not None:
+            kept[kept.argsort(descending=True)[top_k:]] = float("-inf")
+        expected = kept.softmax(-1)
+        assert torch.allclose(freq, expected, atol=5e-3), (temperature, top_k, freq, expected)
+        assert bool((freq[expected == 0] == 0).all())
+    assert torch.equal(next_token(logits[:4], 0.0, None, None), torch.full((4,), 2))
+    again = [next_token(logits[:64], 1.0, None, torch.Generator().manual_seed(3)) for _ in range(2)]
+    assert torch.equal(*again)
+
+
+def test_group_prefill_samples_what_per_sample_prefill_samples(model):
+    """``group_size`` G: the prompt prefilled once per group (KV cache repeated G times) gives the same tokens, at
+    temperature 1 with one seed, as prefilling every sample's copy; a group whose samples differ is refused."""
+    image = red_square()
+    prompts = ["what shape is it?"] * 3 + ["a photo of a red circle and more words"] * 3
+    images = [image] * 3 + [None] * 3
+    kw = dict(max_new_tokens=8, temperature=1.0)
+    flat = model.sample_text(prompts, images, generator=torch.Generator().manual_seed(5), **kw)
+    grouped = model.sample_text(prompts, images, generator=torch.Generator().manual_seed(5), group_size=3, **kw)
+    assert grouped.completion_ids == flat.completion_ids and grouped.texts == flat.texts
+    assert len({tuple(c) for c in grouped.completion_ids[:3]}) > 1  # the G samples of a group are not copies
+    with pytest.raises(ValueError, match="sample 1 does not share the prompt/image"):
+        model.sample_text(["a", "b"], None, max_new_tokens=2, group_size=2)
 
 
 def test_generate_text_stops_at_eos(model):

@@ -304,11 +304,17 @@ class UnifiedModel(nn.Module):
     @torch.no_grad()
     def sample_text(self, prompts: Sequence[str], images: Sequence[Image.Image | None] | None = None,
                     max_new_tokens: int = 64, temperature: float = 1.0, top_k: int | None = None,
-                    seed: int | None = None, generator: torch.Generator | None = None) -> TextSamples:
-        """Autoregressive sampling with a KV cache (greedy at temperature 0), stopping each sample at EOS."""
+                    seed: int | None = None, generator: torch.Generator | None = None,
+                    group_size: int = 1) -> TextSamples:
+        """Autoregressive sampling with a KV cache (greedy at temperature 0), stopping each sample at EOS.
+
+        ``group_size`` G > 1: consecutive runs of G samples share their prompt (and image object), which is then
+        prefilled once per group (GRPO rollouts); the samples are the same as with G = 1 up to float error.
+        """
         from unirl.models.sampling import sample_text
 
-        return sample_text(self, prompts, images, max_new_tokens, temperature, top_k, _generator(seed, generator))
+        return sample_text(self, prompts, images, max_new_tokens, temperature, top_k, _generator(seed, generator),
+                           group_size)
 
     def generate_text(self, prompts: Sequence[str], images: Sequence[Image.Image | None] | None = None,
                       max_new_tokens: int = 64, temperature: float = 1.0, top_k: int | None = None,

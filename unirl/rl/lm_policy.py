@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from PIL import Image
 from torch import Tensor
-from transformers import DynamicCache
 
+from unirl.models.sampling import prefill
 from unirl.models.unified import TextSamples, UnifiedModel
 from unirl.rewards.registry import combine
 from unirl.rl.grpo import completion_mask, lm_grpo_loss
@@ -122,24 +122,14 @@ def group_logprobs(model: UnifiedModel, prompts: Sequence[str], images: Sequence
     G = group_size
     if B % G or len(prompts) != B:
         raise ValueError(f"group_logprobs: {len(prompts)} prompts and {B} completions for group size {G}")
-    firsts = list(range(0, B, G))
-    for i in range(B):
-        j = i - i % G
-        if prompts[i] != prompts[j] or (images is not None and images[i] is not images[j]):
-            raise ValueError(f"group_logprobs: sample {i} does not share the prompt/image of its group's first sample")
-    batch = model.build_inputs([prompts[j] for j in firsts], [images[j] for j in firsts] if images else None)
-    lm = model.lm.model.language_model
-    pos = model.position_ids(batch)  # (3, P, Lp)
-    cache = DynamicCache(config=model.lm.config.text_config)
-    out = lm(inputs_embeds=model.input_embeds(batch), attention_mask=batch.attention_mask, position_ids=pos,
-             cache=cache, use_cache=True)
-    hidden = [out.last_hidden_state[:, -1:].repeat_interleave(G, 0)]  # (B, 1, D): predicts completion token 0
+    start = prefill(model, prompts, images, G)  # the prompt once per group, its cache repeated G times
+    hidden = [start.last_hidden[:, None]]  # (B, 1, D): predicts completion token 0
     if L > 1:
-        cache.batch_repeat_interleave(G)
-        start = (pos.amax(dim=(0, 2)) + 1).repeat_interleave(G)  # (B,) the sampler's next position
-        cpos = (start[:, None] + torch.arange(L - 1, device=start.device)).unsqueeze(0).expand(3, B, L - 1)
-        mask = torch.cat([batch.attention_mask.repeat_interleave(G, 0),
-                          torch.ones(B, L - 1, dtype=batch.attention_mask.dtype, device=start.device)], 1)
+        cache, lm = start.cache, model.lm.model.language_model
+        start_pos = start.next_pos  # (B,) the sampler's next position
+        cpos = (start_pos[:, None] + torch.arange(L - 1, device=start_pos.device)).unsqueeze(0).expand(3, B, L - 1)
+        mask = torch.cat([start.attention_mask,
+                          torch.ones(B, L - 1, dtype=start.attention_mask.dtype, device=start_pos.device)], 1)
         tokens = model.lm.get_input_embeddings()(completion_ids[:, :-1].to(model.device))  # (B, L - 1, D)
         rest = lm(inputs_embeds=tokens, attention_mask=mask, position_ids=cpos, cache=cache, use_cache=True)
         hidden.append(rest.last_hidden_state)  # (B, L - 1, D)
@@ -183,7 +173,7 @@ def lm_rollout(model: UnifiedModel, ref_model: UnifiedModel | None, prompts: Seq
     rep_prompts = repeat_group(list(prompts), group_size)
     rep_images = repeat_group(list(images), group_size) if images is not None else None
     samples = model.sample_text(rep_prompts, rep_images, max_new_tokens=max_new_tokens, temperature=temperature,
-                                generator=generator)
+                                generator=generator, group_size=group_size)  # the prompt prefilled once per group
     return lm_rollout_from_samples(model, ref_model, rep_prompts, rep_images, samples, temperature, beta,
                                    group_size, record_old)
 
