@@ -40,6 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from unirl.hostmem import retain_freed_memory  # noqa: E402
 from unirl.rl.dm_policy import DMSampling, dm_loss, dm_rollout, replay_step, sample_ode  # noqa: E402
 from unirl.rl.flow_sde import dm_grpo_loss  # noqa: E402
 
@@ -230,6 +231,7 @@ def main() -> None:
         args.prompts, args.group_size, args.steps, args.repeats, args.rl_steps, args.eval_prompts = 2, 2, 4, 1, 2, 4
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    retained = retain_freed_memory()  # as the `unirl` stages run (UNIRL_RETAIN_FREED_MEMORY=0: glibc's defaults)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model, init = load_model(args.init, work)
@@ -268,7 +270,7 @@ def main() -> None:
         "batched_replay_speedup": round(r2["speedup"], 3),
         "window_vs_all_reward_per_s": None if r3["ratio"] is None else round(r3["ratio"], 3),
         "rollout": r1, "replay": r2, "window": r3, "init": "sft" if trained else "random tiny", "reward": reward,
-        "threads": args.threads,
+        "threads": args.threads, "retained_heap": retained,
     }
     print(json.dumps(summary))
 

@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from unirl.config import config_help, load_config
+from unirl.hostmem import retain_freed_memory
 
 SCENARIOS: tuple[str, ...] = ("understand", "t2i", "t2i_cot", "edit", "prompt_refine", "reflect")
 
@@ -144,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    retain_freed_memory()  # large CPU tensors reuse the heap instead of faulting in fresh pages each step
     if args.command == "pipeline":
         for name in PIPELINE:
             print(f"==> unirl {name.replace(':', ' --scenario ')}", flush=True)

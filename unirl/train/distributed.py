@@ -2,7 +2,7 @@
 
 One function, :func:`init_distributed`, makes the same script run
 
-* as a single plain process (``python -m unirl ...``): no environment needed; a 1-process ``gloo``/``nccl``
+* as a single plain process (``python -m unirl.cli ...``): no environment needed; a 1-process ``gloo``/``nccl``
   group is created only when asked for (DeepSpeed always needs one), with ``RANK=0``, ``WORLD_SIZE=1``,
   ``MASTER_ADDR=127.0.0.1`` and a free ``MASTER_PORT`` filled in;
 * under ``torchrun`` or the ``deepspeed`` launcher with several processes: both export ``RANK``,
