@@ -248,7 +248,8 @@ def test_greedy_sampling_with_kv_cache_matches_full_recompute(model):
 
 def test_next_token_draws_from_the_tempered_softmax_and_never_a_masked_token():
     """The inverse-CDF draw: token frequencies over 200k rows match softmax(logits / T) (standard error ~1e-3),
-    top-k leaves the other tokens at frequency 0, temperature 0 is the argmax, and one seed repeats the draw."""
+    top-k leaves the other tokens at frequency 0, temperature 0 is the argmax, one seed repeats the draw,
+    and NaN logits raise instead of drawing token 0."""
     logits = torch.tensor([[0.0, 1.0, 2.0, -1.0, 0.5]]).repeat(200_000, 1)  # (N, V)
     for temperature, top_k in ((1.0, None), (0.5, None), (1.5, 3)):
         tok = next_token(logits, temperature, top_k, torch.Generator().manual_seed(1))  # (N,)
@@ -262,6 +263,10 @@ def test_next_token_draws_from_the_tempered_softmax_and_never_a_masked_token():
     assert torch.equal(next_token(logits[:4], 0.0, None, None), torch.full((4,), 2))
     again = [next_token(logits[:64], 1.0, None, torch.Generator().manual_seed(3)) for _ in range(2)]
     assert torch.equal(*again)
+    bad = logits[:2].clone()
+    bad[1, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        next_token(bad, 1.0, None, None)
 
 
 def test_group_prefill_samples_what_per_sample_prefill_samples(model):

@@ -38,6 +38,9 @@ def next_token(logits: torch.Tensor, temperature: float, top_k: int | None,
     # one uniform per row (on CPU ~8x faster than torch.multinomial at this vocabulary); masked tokens have p = 0
     # and so are never drawn
     cdf = logits.softmax(-1).cumsum(-1)  # (B, V)
+    if not bool(torch.isfinite(cdf[:, -1]).all()):  # (torch.multinomial raised here; keep a NaN policy loud)
+        raise ValueError("next_token: the logits contain NaN or Inf (a diverged model or corrupt weights); "
+                         "check the checkpoint and the last training steps' losses")
     dev = generator.device if generator is not None else cdf.device
     u = torch.rand((cdf.shape[0], 1), generator=generator, device=dev).to(cdf.device) * cdf[:, -1:]  # (B, 1)
     return (cdf < u).sum(-1)
