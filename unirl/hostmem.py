@@ -17,7 +17,6 @@ Dagster); ``UNIRL_RETAIN_FREED_MEMORY=0`` turns it off. On a libc without ``mall
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import sys
 
@@ -38,8 +37,8 @@ def retain_freed_memory() -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc: nothing to tune
+        mallopt = ctypes.CDLL(None).mallopt  # the C library this process already runs on (no library search)
+    except (OSError, AttributeError):  # no mallopt: nothing to tune
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))

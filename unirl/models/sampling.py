@@ -66,11 +66,11 @@ def prefill(model: UnifiedModel, prompts: Sequence[str], images: Sequence[Image.
     B, G = len(prompts), group_size
     if G < 1 or B % G or (images is not None and len(images) != B):
         raise ValueError(f"prefill: {B} prompts, {None if images is None else len(images)} images, group size {G}")
-    for i in range(B):
+    firsts = list(range(0, B, G))
+    for i in range(B) if G > 1 else ():  # G = 1: every sample is its own group
         j = i - i % G
         if prompts[i] != prompts[j] or (images is not None and images[i] is not images[j]):
             raise ValueError(f"prefill: sample {i} does not share the prompt/image of its group's first sample")
-    firsts = list(range(0, B, G))
     batch = model.build_inputs([prompts[j] for j in firsts], [images[j] for j in firsts] if images else None)
     pos = model.position_ids(batch)  # (3, P, Lp)
     cache = DynamicCache(config=model.lm.config.text_config)

@@ -125,13 +125,12 @@ def group_logprobs(model: UnifiedModel, prompts: Sequence[str], images: Sequence
     start = prefill(model, prompts, images, G)  # the prompt once per group, its cache repeated G times
     hidden = [start.last_hidden[:, None]]  # (B, 1, D): predicts completion token 0
     if L > 1:
-        cache, lm = start.cache, model.lm.model.language_model
-        start_pos = start.next_pos  # (B,) the sampler's next position
-        cpos = (start_pos[:, None] + torch.arange(L - 1, device=start_pos.device)).unsqueeze(0).expand(3, B, L - 1)
-        mask = torch.cat([start.attention_mask,
-                          torch.ones(B, L - 1, dtype=start.attention_mask.dtype, device=start_pos.device)], 1)
+        pos0 = start.next_pos  # (B,) the sampler's next position
+        cpos = (pos0[:, None] + torch.arange(L - 1, device=pos0.device)).unsqueeze(0).expand(3, B, L - 1)
+        mask = torch.cat([start.attention_mask, start.attention_mask.new_ones(B, L - 1)], 1)  # (B, Lp + L - 1)
         tokens = model.lm.get_input_embeddings()(completion_ids[:, :-1].to(model.device))  # (B, L - 1, D)
-        rest = lm(inputs_embeds=tokens, attention_mask=mask, position_ids=cpos, cache=cache, use_cache=True)
+        rest = model.lm.model.language_model(inputs_embeds=tokens, attention_mask=mask, position_ids=cpos,
+                                             cache=start.cache, use_cache=True)
         hidden.append(rest.last_hidden_state)  # (B, L - 1, D)
     logits = model.lm.lm_head(torch.cat(hidden, 1)).float() / max(temperature, 1e-6)  # (B, L, V)
     return logits.log_softmax(-1).gather(-1, completion_ids.to(logits.device).unsqueeze(-1)).squeeze(-1)  # (B, L)
