@@ -165,6 +165,44 @@ def test_cfg_with_zeroed_conditioning_is_the_unconditional_branch(model):
         assert not torch.allclose(v_ref, v_null, atol=1e-4)
 
 
+def test_t2i_guidance_interval_guides_exactly_the_samples_at_or_below_cfg_max_sigma(model):
+    torch.manual_seed(2)
+    model.config.sampling.cfg_max_sigma = 0.5
+    with torch.no_grad():
+        model.ref_proj.weight.normal_(0, 0.05)
+        c = model.encode(PROMPTS)
+        x = torch.randn(2, *model.latent_shape)
+        s = torch.tensor([0.7, 0.2])  # the first sample is outside the interval, the second inside
+        v_u, v_c = model.velocity(x, s, c.zeroed()), model.velocity(x, s, c)
+        got = model.guided_velocity(x, s, c, cfg_scale=3.0)
+        assert torch.allclose(got[0], v_c[0], atol=1e-6)
+        assert torch.allclose(got[1], (v_u + 3.0 * (v_c - v_u))[1], atol=1e-5)
+        # the same transitions one at a time (the rollout) give what the batch gives (the replay)
+        for i in range(2):
+            one = model.guided_velocity(x[i : i + 1], s[i : i + 1], c.index(slice(i, i + 1)), cfg_scale=3.0)
+            assert torch.allclose(one, got[i : i + 1], atol=1e-5)
+        # editing guides at every step, whatever the interval
+        ref = model.encode_images([red_square(), blue_circle()])
+        v_null, v_ref, v_txt = (model.velocity(x, s, c.zeroed()), model.velocity(x, s, c.zeroed(), ref),
+                                model.velocity(x, s, c, ref))
+        got = model.guided_velocity(x, s, c, ref, cfg_scale=4.0, ref_cfg_scale=1.5)
+        assert torch.allclose(got, v_null + 1.5 * (v_ref - v_null) + 4.0 * (v_txt - v_ref), atol=1e-5)
+        # DiT batch sizes: the unconditional pass runs only on the samples inside (none: skipped)
+        calls = []
+        hook = model.dit.register_forward_hook(lambda mod, args, out: calls.append(out[0].shape[0]))
+        try:
+            model.guided_velocity(x, s, c, cfg_scale=3.0)
+            assert torch.equal(model.guided_velocity(x, torch.tensor(0.9), c, cfg_scale=3.0),
+                               model.velocity(x, torch.tensor(0.9), c))
+            model.guided_velocity(x, torch.tensor(0.3), c, cfg_scale=3.0)
+        finally:
+            hook.remove()
+        assert calls == [2, 1, 2, 2, 4]
+    model.config.sampling.cfg_max_sigma = 1.0
+    with torch.no_grad():
+        assert torch.allclose(model.guided_velocity(x, s, c, cfg_scale=3.0), v_u + 3.0 * (v_c - v_u), atol=1e-5)
+
+
 def test_reference_path_is_identity_at_init(model):
     assert torch.equal(model.ref_patch_embed.proj.weight, model.dit.patch_embed.proj.weight)
     assert not model.ref_proj.weight.detach().any() and not model.ref_proj.bias.detach().any()

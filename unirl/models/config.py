@@ -58,6 +58,10 @@ class SamplingConfig:
     shift: float = option(3.0, "flow-matching timestep shift: sigma' = shift*s/(1+(shift-1)*s)")
     cfg_scale: float = option(4.5, "text guidance scale w")
     ref_cfg_scale: float = option(1.5, "reference-image guidance scale w_ref (editing)")
+    cfg_max_sigma: float = option(
+        1.0, "text-to-image guidance interval: CFG applies only at noise levels sigma <= this, above it the "
+        "conditional velocity alone (Kynkaanniemi et al. 2024); 1.0 = every step. Editing's triple CFG always "
+        "guides every step (on the tiny profile the interval lowered held-out edit correctness)")
 
 
 @dataclasses.dataclass

@@ -354,15 +354,25 @@ class UnifiedModel(nn.Module):
         """CFG-combined velocity in one batched DiT pass (rollout and RL loss must both use this).
 
         T2I: ``v_u + w (v_c - v_u)``; editing (``ref_latents`` given): the triple form with ``w_ref``.
+        T2I guidance interval (``config.sampling.cfg_max_sigma`` < 1): samples whose ``sigma`` (scalar or (B,))
+        lies above it get the conditional velocity alone, decided per sample, so a batched replay of transitions
+        from different steps computes what the rollout did; the unconditional pass runs only on the samples inside
+        (none: skipped). Editing guides at every step.
         """
         B = latents.shape[0]
         sigma = sigma.expand(B)
         if ref_latents is None:
-            if cfg_scale == 1.0:
+            guided = sigma <= self.config.sampling.cfg_max_sigma  # (B,) bool
+            if cfg_scale == 1.0 or not bool(guided.any()):
                 return self.velocity(latents, sigma, cond)
-            both = Conditioning.cat([cond.zeroed(), cond])
-            v_u, v_c = self.velocity(latents.repeat(2, 1, 1, 1), sigma.repeat(2), both).chunk(2)
-            return v_u + cfg_scale * (v_c - v_u)
+            if bool(guided.all()):
+                both = Conditioning.cat([cond.zeroed(), cond])
+                v_u, v_c = self.velocity(latents.repeat(2, 1, 1, 1), sigma.repeat(2), both).chunk(2)
+                return v_u + cfg_scale * (v_c - v_u)
+            g = guided.nonzero().squeeze(1)  # (Bg,) the samples inside the interval
+            v_c = self.velocity(latents, sigma, cond)  # (B, C, H, W)
+            v_u = self.velocity(latents[g], sigma[g], cond.index(g).zeroed())  # (Bg, C, H, W)
+            return v_c.index_copy(0, g, v_u + cfg_scale * (v_c[g] - v_u))
         if cfg_scale == 1.0 and ref_cfg_scale == 1.0:
             return self.velocity(latents, sigma, cond, ref_latents)
         three = Conditioning.cat([cond.zeroed(), cond.zeroed(), cond])

@@ -7,18 +7,21 @@ Variant implemented (DESIGN.md section 1, "DM side"):
   the conditioning is recomputed WITH gradient (it reaches the connector and the queries through the frozen LM).
 * **Rollout** (:func:`dm_rollout`, no grad): ``x_0 ~ N(0, I)``, then for each of the ``steps`` shifted sigmas a
   CFG-combined velocity (:meth:`UnifiedModel.guided_velocity`: ``v_u + w (v_c - v_u)`` with the zeroed connector
-  output as ``v_u``; for editing the triple form with the noised reference latents) and either an SDE step
+  output as ``v_u``, only at sigma <= the model's ``sampling.cfg_max_sigma``, the t2i guidance interval; for
+  editing the triple form with the noised reference latents at every step) and either an SDE step
   (:func:`~unirl.rl.flow_sde.sde_step`, steps in the window) or an ODE Euler step (elsewhere; Flow-GRPO-Fast /
   MixGRPO). Each SDE step stores ``(x_k, x_{k+1}, sigma_k, sigma_{k+1}, log p)``; the noised reference latents are
   stored too, so the loss sees exactly the rollout's inputs.
 * **Replay** (:func:`replay`, with grad): all ``B * W`` stored transitions (every sample x every window step, of
   one or several rollouts, e.g. the forward and reverse edits) are stacked along the batch and go through ONE
-  batched CFG DiT pass; the transition means give the log-probs (:func:`~unirl.rl.flow_sde.sde_log_prob`). With
-  ``beta > 0`` the frozen reference model computes its means at the same inputs under ``no_grad`` and the KL is
-  Flow-GRPO's ``mean((mu - mu_ref)^2 / (2 s_k^2))`` (:func:`~unirl.rl.flow_sde.dm_kl`: the step's Gaussian KL
-  times ``-Delta_k``, kept so the paper's beta values transfer). :func:`replay_step` replays one window step
-  (the per-step loop of the reference code; the benchmark compares both). Where the one pass does not fit (full
-  scale at 1024 px), ``chunk`` runs it as checkpointed chunks: the same numbers, one chunk's activations.
+  batched CFG DiT pass (with a guidance interval: one conditional pass over all of them plus an unconditional
+  pass over the transitions inside the interval); the transition means give the log-probs
+  (:func:`~unirl.rl.flow_sde.sde_log_prob`). With ``beta > 0`` the frozen reference model computes its means at
+  the same inputs under ``no_grad`` and the KL is Flow-GRPO's ``mean((mu - mu_ref)^2 / (2 s_k^2))``
+  (:func:`~unirl.rl.flow_sde.dm_kl`: the step's Gaussian KL times ``-Delta_k``, kept so the paper's beta values
+  transfer). :func:`replay_step` replays one window step (the per-step loop of the reference code; the benchmark
+  compares both). Where the one pass does not fit (full scale at 1024 px), ``chunk`` runs it as checkpointed
+  chunks: the same numbers, one chunk's activations.
 * **Loss** (:func:`dm_loss`): :func:`~unirl.rl.flow_sde.dm_grpo_loss` (PPO clip on per-step ratios + beta KL)
   with each sample's advantage on each of its steps. Same CFG scales, steps, conditioning and reference latents
   as the rollout, so the first update's ratio is 1 up to float error (tested to 1e-5).
