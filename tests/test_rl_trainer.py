@@ -168,7 +168,7 @@ def test_advantages_are_zero_mean_per_group_and_param_groups_are_per_expert(root
 
 
 @pytest.mark.parametrize("bad, message", [({"group_size": 1}, "group_size"), ({"inner_updates": 0}, "inner_updates"),
-                                          ({"replay_chunk": -1}, "replay_chunk")])
+                                          ({"replay_chunk": -1}, "replay_chunk"), ({"eval_seeds": 0}, "eval_seeds")])
 def test_train_rl_refuses_bad_settings_with_the_setting_named(root, bad, message):
     with pytest.raises(ValueError, match=message):
         train_rl(rl_config(root, "t2i", "bad", **bad))
@@ -277,6 +277,31 @@ def test_deepspeed_backend_trains_the_same_parameters_as_plain_torch(root):
     plain = train_rl(rl_config(root, "t2i", "plain", steps=2))
     assert ds["steps"] == plain["steps"] == 2
     assert ds["trainable_sha256"] == plain["trainable_sha256"]  # ZeRO-2 on CPU, fp32: bit-identical updates
+
+
+def test_evaluation_is_the_mean_over_eval_seeds_and_deterministic_scenarios_run_once(root):
+    from unirl.models import UnifiedModel
+    from unirl.rl.trainer import evaluate_seeds, load_prompts
+
+    model = UnifiedModel.from_pretrained(root / "sft").eval()
+    cfg = rl_config(root, "t2i", "seeds", eval_seed=7, eval_seeds=3)
+    scenario = get_scenario("t2i", cfg)
+    prompts = load_prompts(root / "shards", "t2i", "test", limit=3)
+    runs = [scenario.evaluate(model, prompts, 7 + k) for k in range(3)]
+    got = evaluate_seeds(scenario, model, prompts, cfg)
+    assert got == pytest.approx({**{k: sum(r[k] for r in runs) / 3 for k in runs[0]},
+                                 "geneval_score/seed_std": float(torch.tensor(
+                                     [r["geneval_score"] for r in runs], dtype=torch.float64).std())})
+    # a deterministic scenario (understand: greedy decoding) is evaluated once, at eval_seed, without seed_std
+    from unirl.rl.scenarios.understand import UnderstandScenario
+
+    assert UnderstandScenario.eval_uses_seed is False and T2IScenario.eval_uses_seed is True
+    calls = []
+    scenario.eval_uses_seed = False
+    evaluate = scenario.evaluate
+    scenario.evaluate = lambda m, p, seed: calls.append(seed) or evaluate(m, p, seed)
+    assert evaluate_seeds(scenario, model, prompts, cfg) == runs[0]
+    assert calls == [7]
 
 
 def test_eval_prompts_are_balanced_over_tags(root):

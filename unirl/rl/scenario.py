@@ -127,6 +127,7 @@ class ScenarioBase:
     name: str = ""
     data_task: str = ""
     train_mode: str | list[str] = "none"
+    eval_uses_seed: bool = True  # False: ``evaluate`` is deterministic (greedy text), one repeat is enough
 
     def __init__(self, cfg: RLConfig) -> None:
         self.cfg = cfg

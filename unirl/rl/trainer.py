@@ -14,10 +14,11 @@ Variant implemented (the loop; the maths live in :mod:`unirl.rl.grpo`, :mod:`uni
   ``max_nan_steps`` steps were skipped.
 * **Budget.** ``steps`` optimiser steps, or fewer: with ``max_minutes`` > 0 the loop stops when the elapsed time
   plus the time the final evaluation will take (measured by the first one) would exceed it.
-* **Outputs.** Held-out ``evaluate`` before and after; the final model (``save_pretrained`` in ``out_dir``);
-  ``metrics.json`` (before/after/delta per metric), ``reward_curve.csv`` (DVC plots) + ``.png`` and a
-  before/after sample grid (same prompts, same seeds: the reference model is the "before" model) in
-  ``reports_dir``; checkpoints (``save_training_checkpoint``, logged to MLflow) in ``run_dir``.
+* **Outputs.** Held-out ``evaluate`` before and after (the mean over ``eval_seeds`` sampling seeds: with one
+  image per prompt, one seed's score on 60 prompts swings by ~0.1 from seed to seed); the final model
+  (``save_pretrained`` in ``out_dir``); ``metrics.json`` (before/after/delta per metric), ``reward_curve.csv`` (DVC
+  plots) + ``.png`` and a before/after sample grid (same prompts, same seeds: the reference model is the "before"
+  model) in ``reports_dir``; checkpoints (``save_training_checkpoint``, logged to MLflow) in ``run_dir``.
 """
 
 from __future__ import annotations
@@ -96,6 +97,8 @@ class RLConfig:
     # --- evaluation ---
     eval_prompts: int = option(60, "held-out prompts (test split, N balanced over tags) for evaluate before/after")
     eval_seed: int = option(1234, "sampling seed of the evaluation (fixed: before and after see the same noise)")
+    eval_seeds: int = option(1, "evaluation repeats with seeds eval_seed, eval_seed + 1, ...: metrics are their "
+                             "mean (one image per prompt and seed; GenEval draws 4 per prompt)")
     eval_steps: int = option(0, "ODE steps of evaluation sampling; 0 = sde_steps")
     eval_batch_size: int = option(32, "prompts per evaluation batch")
     grid_prompts: int = option(8, "prompts in the before/after sample grid")
@@ -325,6 +328,20 @@ def before_after_grid(scenario: Scenario, before_model: Any, after_model: Any, p
 
 
 # ------------------------------------------------------------------------------------------------ the loop
+def evaluate_seeds(scenario: Scenario, model: Any, prompts: list[dict], cfg: RLConfig) -> dict[str, float]:
+    """``scenario.evaluate`` averaged over ``cfg.eval_seeds`` seeds from ``cfg.eval_seed`` (one for deterministic
+    scenarios); with several, ``<headline>/seed_std`` is the spread of the headline metric across the seeds."""
+    if cfg.eval_seeds < 1:
+        raise ValueError(f"rl.eval_seeds must be >= 1, got {cfg.eval_seeds}")
+    n = cfg.eval_seeds if getattr(scenario, "eval_uses_seed", True) else 1
+    runs = [scenario.evaluate(model, prompts, cfg.eval_seed + k) for k in range(n)]
+    out = {k: sum(r[k] for r in runs) / n for k in runs[0]}
+    if n > 1:
+        head = next(iter(runs[0]))
+        out[f"{head}/seed_std"] = float(torch.tensor([r[head] for r in runs], dtype=torch.float64).std())
+    return out
+
+
 def train_rl(cfg: RLConfig, scenario: Scenario | None = None) -> dict[str, Any]:
     """Run GRPO for ``cfg.scenario`` (or the given ``scenario`` object); returns a summary dict (see module doc)."""
     from unirl.eval.grid import save_image_atomic
@@ -341,6 +358,8 @@ def train_rl(cfg: RLConfig, scenario: Scenario | None = None) -> dict[str, Any]:
         raise ValueError(f"rl.group_size must be >= 2 (advantages are normalised within groups), got {cfg.group_size}")
     if cfg.inner_updates < 1 or cfg.prompts_per_step < 1:
         raise ValueError("rl.inner_updates and rl.prompts_per_step must be >= 1")
+    if cfg.eval_seeds < 1:
+        raise ValueError(f"rl.eval_seeds must be >= 1 (evaluation repeats), got {cfg.eval_seeds}")
     if cfg.replay_chunk < 0:
         raise ValueError(f"rl.replay_chunk must be >= 0 (0 = all transitions in one pass), got {cfg.replay_chunk}")
     t_start = time.perf_counter()
@@ -380,7 +399,7 @@ def train_rl(cfg: RLConfig, scenario: Scenario | None = None) -> dict[str, Any]:
         else:
             start, history, nan_steps = 0, [], 0
             t0 = time.perf_counter()
-            before = scenario.evaluate(model, eval_prompts, cfg.eval_seed)
+            before = evaluate_seeds(scenario, model, eval_prompts, cfg)
             eval_seconds = time.perf_counter() - t0
             tracker.log_metrics({f"eval/{k}": v for k, v in before.items()}, step=0)
 
@@ -394,7 +413,8 @@ def train_rl(cfg: RLConfig, scenario: Scenario | None = None) -> dict[str, Any]:
                            disable=rank != 0 or not cfg.progress, initial=start, total=cfg.steps)
         stopped_early = False
         # what still has to run after the loop: the final evaluation and the two grid previews (+ saving)
-        final_s = eval_seconds * (1.0 + 2.0 * cfg.grid_prompts / max(1, len(eval_prompts))) + 5.0
+        repeats = cfg.eval_seeds if getattr(scenario, "eval_uses_seed", True) else 1
+        final_s = eval_seconds * (1.0 + 2.0 * cfg.grid_prompts / max(1, len(eval_prompts) * repeats)) + 5.0
         for step in bar:
             elapsed = time.perf_counter() - t_start
             last = history[-1]["time/step_s"] if history and "time/step_s" in history[-1] else 0.0
@@ -422,7 +442,7 @@ def train_rl(cfg: RLConfig, scenario: Scenario | None = None) -> dict[str, Any]:
         done = len(history)
         if done > start and (not cfg.checkpoint_every or done % cfg.checkpoint_every):
             save(done)
-        after = scenario.evaluate(model, eval_prompts, cfg.eval_seed)
+        after = evaluate_seeds(scenario, model, eval_prompts, cfg)
         state = engine.model_state_dict()  # collective (ZeRO: gathered); the trained values on every rank
         summary = {
             "scenario": cfg.scenario,
@@ -432,7 +452,7 @@ def train_rl(cfg: RLConfig, scenario: Scenario | None = None) -> dict[str, Any]:
             "minutes": (time.perf_counter() - t_start) / 60,
             "before": before,
             "after": after,
-            "delta": {k: after[k] - before[k] for k in after if k in before},
+            "delta": {k: after[k] - before[k] for k in after if k in before and not k.endswith("/seed_std")},
             "headline": next(iter(after)) if after else None,
             "nan_steps": nan_steps,
             "trainable_sha256": _digest([(n, state[n]) for n, _ in engine.trainable]),

@@ -43,6 +43,7 @@ def greedy_texts(model: Any, prompts: list[str], images: list | None, max_new_to
 class UnderstandScenario(ScenarioBase):
     name = "understand"
     train_mode = "lm"
+    eval_uses_seed = False
 
     @staticmethod
     def inputs(prompts: list[dict]) -> tuple[list[str], list | None]:
