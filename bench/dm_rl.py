@@ -59,7 +59,7 @@ def load_model(init: str | None, workdir: Path):
 
 def prompts_from(shards: Path, n: int, split: str = "train") -> list[dict]:
     from unirl.data import tasks
-    from unirl.rl.trainer import load_prompts
+    from unirl.rl.prompts import load_prompts
 
     if (shards / "t2i").is_dir():
         return load_prompts(shards, "t2i", split, limit=n)
@@ -177,8 +177,9 @@ def bench_window(init: str, shards: Path, reward: str, steps: int, rl_steps: int
                  workdir: Path) -> dict:
     from unirl.models import UnifiedModel
     from unirl.rewards import get
+    from unirl.rl.prompts import load_prompts
     from unirl.rl.scenarios.t2i import T2IScenario
-    from unirl.rl.trainer import RLConfig, load_prompts, train_rl
+    from unirl.rl.trainer import RLConfig, train_rl
     from unirl.train.engine import EngineConfig
 
     held_out = load_prompts(shards, "t2i", "test", limit=eval_prompts)

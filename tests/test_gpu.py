@@ -19,8 +19,8 @@ from test_rl_lm import prompts_of
 
 from unirl.models import UnifiedModel
 from unirl.rl.flow_sde import sde_step
+from unirl.rl.prompts import load_prompts
 from unirl.rl.scenario import get_scenario
-from unirl.rl.trainer import load_prompts
 from unirl.train.losses import flow_matching_loss, lm_loss
 
 pytestmark = [

@@ -11,8 +11,8 @@ import torch
 from _rl_worker import check_rollout_log_probs_against_gaussian, grad_components, rl_config, small_model, write_data
 
 from unirl.rl.dm_policy import DMSampling, dm_rollout, replay, replay_step, sample_ode
+from unirl.rl.prompts import load_prompts
 from unirl.rl.scenario import get_scenario
-from unirl.rl.trainer import load_prompts
 
 torch.set_num_threads(1)
 

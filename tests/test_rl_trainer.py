@@ -281,7 +281,8 @@ def test_deepspeed_backend_trains_the_same_parameters_as_plain_torch(root):
 
 def test_evaluation_is_the_mean_over_eval_seeds_and_deterministic_scenarios_run_once(root):
     from unirl.models import UnifiedModel
-    from unirl.rl.trainer import evaluate_seeds, load_prompts
+    from unirl.rl.prompts import load_prompts
+    from unirl.rl.trainer import evaluate_seeds
 
     model = UnifiedModel.from_pretrained(root / "sft").eval()
     cfg = rl_config(root, "t2i", "seeds", eval_seed=7, eval_seeds=3)
@@ -308,7 +309,7 @@ def test_eval_prompts_are_balanced_over_tags(root):
     import random
     from collections import Counter
 
-    from unirl.rl.trainer import balanced, load_prompts, sample_prompts
+    from unirl.rl.prompts import balanced, load_prompts, sample_prompts
 
     skewed = [{"tag": "common", "i": i} for i in range(90)] + [{"tag": t, "i": 0} for t in ("rare1", "rare2")]
     counts = Counter(p["tag"] for s in range(60) for p in sample_prompts(skewed, 3, random.Random(s)))

@@ -18,18 +18,16 @@ Variant implemented (the loop; the maths live in :mod:`unirl.rl.grpo`, :mod:`uni
   image per prompt, one seed's score on 60 prompts swings by ~0.1 from seed to seed); the final model
   (``save_pretrained`` in ``out_dir``); ``metrics.json`` (before/after/delta per metric), ``reward_curve.csv`` (DVC
   plots) + ``.png`` and a before/after sample grid (same prompts, same seeds: the reference model is the "before"
-  model) in ``reports_dir``; checkpoints (``save_training_checkpoint``, logged to MLflow) in ``run_dir``.
+  model; :mod:`unirl.rl.report`) in ``reports_dir``; checkpoints (``save_training_checkpoint``, logged to MLflow)
+  in ``run_dir``. Prompts come from :mod:`unirl.rl.prompts`.
 """
 
 from __future__ import annotations
 
 import copy
-import csv
 import dataclasses
 import hashlib
-import io
 import json
-import math
 import os
 import random
 import time
@@ -40,11 +38,12 @@ import torch
 import torch.distributed as dist
 
 from unirl.config import from_dict, load_params, merge_overrides, option, to_dict
+from unirl.rl.prompts import load_prompts, sample_prompts
+from unirl.rl.report import atomic_text, before_after_grid, step_metrics, write_reward_curve
 from unirl.rl.scenario import Scenario, get_scenario
 from unirl.train.engine import EngineConfig
 
-__all__ = ["RLConfig", "balanced", "derive_seed", "load_prompts", "load_rl_config", "run_rl", "sample_prompts",
-           "train_rl"]
+__all__ = ["RLConfig", "derive_seed", "evaluate_seeds", "load_rl_config", "run_rl", "train_rl"]
 
 
 @dataclasses.dataclass
@@ -161,65 +160,6 @@ def derive_seed(*parts: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def balanced(prompts: list[dict], n: int) -> list[dict]:
-    """The first ``n`` prompts taken round-robin over their tags (tags sorted; shard order within a tag).
-
-    Shards store a task's samples tag by tag, so the first ``n`` in file order would all share one tag.
-    """
-    by_tag: dict[str, list[dict]] = {}
-    for p in prompts:
-        by_tag.setdefault(str(p.get("tag", "")), []).append(p)
-    queues = [by_tag[t] for t in sorted(by_tag)]
-    out: list[dict] = []
-    i = 0
-    while len(out) < min(n, len(prompts)):
-        for q in queues:
-            if i < len(q) and len(out) < n:
-                out.append(q[i])
-        i += 1
-    return out
-
-
-def load_prompts(shards_dir: str | os.PathLike, task: str, split: str, limit: int | None = None) -> list[dict]:
-    """Shard samples as prompt dicts: the sample's meta plus ``key`` and ``images`` (extension -> PIL image).
-
-    ``limit`` keeps that many, balanced over tags (:func:`balanced`).
-    """
-    from unirl.data.shards import read_samples
-
-    task_dir = Path(shards_dir) / task
-    if not task_dir.is_dir():
-        raise FileNotFoundError(f"no shards for task {task!r} at {task_dir}: run `unirl curate` (dvc repro curate)")
-    out = []
-    for s in read_samples(task_dir, split):
-        out.append({**s.meta, "key": s.key, "images": dict(s.images)})
-    if not out:
-        raise FileNotFoundError(f"no {split!r} samples in {task_dir}: run `unirl curate` (dvc repro curate)")
-    return balanced(out, limit) if limit is not None else out
-
-
-def sample_prompts(prompts: list[dict], n: int, rng: random.Random, balance_tags: bool = True) -> list[dict]:
-    """``n`` distinct training prompts. ``balance_tags``: tags are visited in a random order (cycling when ``n``
-    exceeds their number) and one prompt is drawn per visit, so every tag is trained equally often whatever its
-    share of the shards (the held-out metric averages over tags); otherwise uniformly over prompts."""
-    n = min(n, len(prompts))
-    if not balance_tags:
-        return [prompts[i] for i in rng.sample(range(len(prompts)), n)]
-    by_tag: dict[str, list[int]] = {}
-    for i, p in enumerate(prompts):
-        by_tag.setdefault(str(p.get("tag", "")), []).append(i)
-    tags = sorted(by_tag)
-    rng.shuffle(tags)
-    chosen: list[int] = []
-    k = 0
-    while len(chosen) < n:
-        pool = [i for i in by_tag[tags[k % len(tags)]] if i not in chosen]
-        if pool:
-            chosen.append(rng.choice(pool))
-        k += 1
-    return [prompts[i] for i in chosen]
-
-
 # ------------------------------------------------------------------------------------------------ helpers
 def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
@@ -247,13 +187,6 @@ def _all_min(flag: float) -> float:
     return float(t.item())
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _digest(named: list[tuple[str, torch.Tensor]]) -> str:
     """sha256 over (name, bytes) of the given parameters (every rank of a data-parallel run must agree)."""
     h = hashlib.sha256()
@@ -265,66 +198,6 @@ def _digest(named: list[tuple[str, torch.Tensor]]) -> str:
 
 def _stat(v: Any) -> float:
     return float(v.detach().float().item()) if isinstance(v, torch.Tensor) else float(v)
-
-
-def step_metrics(rewards: torch.Tensor, parts: dict[str, list[float]], adv: torch.Tensor) -> dict[str, float]:
-    """Per-step reward monitors: mean/std of the total and of every reward, mean |advantage|."""
-    out = {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std(correction=0))}
-    for name, vals in parts.items():
-        t = torch.tensor(vals, dtype=torch.float64)
-        out[f"reward/{name}/mean"] = float(t.mean())
-        out[f"reward/{name}/std"] = float(t.std(correction=0))
-    out["adv/abs_mean"] = float(adv.abs().mean())
-    return out
-
-
-# ------------------------------------------------------------------------------------------------ reports
-def write_reward_curve(history: list[dict[str, float]], csv_path: Path, png_path: Path) -> Any:
-    """``history`` rows -> CSV (step + every metric) and a PNG of the reward curves; returns the figure."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = sorted({k for row in history for k in row if k != "step"})
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=["step", *keys])
-    w.writeheader()
-    for row in history:
-        w.writerow({k: row.get(k, "") for k in ["step", *keys]})
-    _atomic_text(csv_path, buf.getvalue())
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    steps = [r["step"] for r in history]
-    for k in [k for k in keys if k.startswith("reward/") and k.endswith("/mean")] or ["reward/mean"]:
-        label = "total (weighted)" if k == "reward/mean" else k.removeprefix("reward/").removesuffix("/mean")
-        ax.plot(steps, [r.get(k, math.nan) for r in history], label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel("reward (rollout mean)")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, png_path)
-    plt.close(fig)
-    return fig
-
-
-def before_after_grid(scenario: Scenario, before_model: Any, after_model: Any, prompts: list[dict], seed: int):
-    """Grid: row pairs (before, after) per chunk of prompts, same prompts and seeds; None without images."""
-    from unirl.eval.grid import make_grid
-
-    before, caps = scenario.preview(before_model, prompts, seed)
-    after, _ = scenario.preview(after_model, prompts, seed)
-    if not before:
-        return None
-    cols = min(8, len(before))
-    images, captions = [], []
-    for i in range(0, len(before), cols):
-        images += before[i : i + cols] + after[i : i + cols]
-        captions += [f"before: {c}" for c in caps[i : i + cols]] + [f"after: {c}" for c in caps[i : i + cols]]
-    return make_grid(images, captions, cols=cols)
 
 
 # ------------------------------------------------------------------------------------------------ the loop
@@ -466,7 +339,7 @@ def train_rl(cfg: RLConfig, scenario: Scenario | None = None) -> dict[str, Any]:
             else:
                 model.save_pretrained(cfg.out_dir)
             reports = Path(cfg.reports_dir)
-            _atomic_text(reports / "metrics.json", json.dumps(summary, indent=2))
+            atomic_text(reports / "metrics.json", json.dumps(summary, indent=2))
             if history:
                 fig = write_reward_curve(history, reports / "reward_curve.csv", reports / "reward_curve.png")
                 tracker.log_figure(fig, "reward_curve")
