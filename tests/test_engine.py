@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 from unirl.config import PROJECT_ROOT
 from unirl.train import EngineConfig, build_engine
-from unirl.train.engine import load_deepspeed_config, lr_factor
+from unirl.train.deepspeed_engine import load_deepspeed_config
+from unirl.train.engine import lr_factor
 
 torch.set_num_threads(1)
 WORKER = Path(__file__).with_name("_dist_worker.py")
