@@ -20,7 +20,7 @@ import torch
 from _worker_common import param_digest
 
 from unirl.data import tasks
-from unirl.data.shards import write_shards
+from unirl.data.shard_writer import write_shards
 from unirl.models import UnifiedModel, load_model_config
 from unirl.models.config import ModelConfig
 from unirl.models.tiny import tiny_tokenizer

@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from unirl.data.importers import ImportDataError, import_caption_tars, import_edit_parquet
-from unirl.data.shards import read_samples, write_shards
+from unirl.data.shard_writer import write_shards
+from unirl.data.shards import read_samples
 
 RES = 16
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)

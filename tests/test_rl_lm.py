@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 import unirl.rewards.judge as judge_module
 import unirl.rl.lm_policy as lm_policy_module
 from unirl.data import tasks
-from unirl.data.shards import write_shards
+from unirl.data.shard_writer import write_shards
 from unirl.models.unified import TextSamples
 from unirl.rewards.judge import judgement_reward
 from unirl.rewards.text import answer_accuracy, format_reward

@@ -15,7 +15,8 @@ import webdataset as wds
 from PIL import Image
 
 from unirl.data import shards
-from unirl.data.shards import Record, ShardError, list_shards, read_samples, write_shards
+from unirl.data.shard_writer import write_shards
+from unirl.data.shards import Record, ShardError, list_shards, read_samples
 from unirl.data.validate import metadata_table
 
 RES = 16
@@ -113,7 +114,7 @@ def test_manifest_counts_and_checksums(tmp_path: Path) -> None:
 
 def test_same_input_gives_byte_identical_tars(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     clock = iter(range(1_000_000, 2_000_000, 7))
-    monkeypatch.setattr(shards.wds.writer.time, "time", lambda: float(next(clock)))  # a clock that always moves
+    monkeypatch.setattr(wds.writer.time, "time", lambda: float(next(clock)))  # a clock that always moves
     a = write_shards(_triples(6), tmp_path / "a", "t2i", maxcount=4)
     b = write_shards(_triples(6), tmp_path / "b", "t2i", maxcount=4)
     assert a == b

@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from unirl.data.shards import Record, write_shards
+from unirl.data.shard_writer import write_shards
+from unirl.data.shards import Record
 from unirl.data.validate import (
     TABLE_COLUMNS,
     ValidationError,

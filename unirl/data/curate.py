@@ -3,7 +3,7 @@
 For every task and tag, ``samples_per_tag`` samples are generated deterministically from ``seed``, checked by the
 verifier (the image must satisfy its GenEval metadata; a flawed reflection image must not), assigned to splits
 train/val/test **by prompt text** (stratified by the scene the prompt asks for, so each split sees every scene
-family while never sharing a prompt), and written with :func:`unirl.data.shards.write_shards`. The stage also
+family while never sharing a prompt), and written with :func:`unirl.data.shard_writer.write_shards`. The stage also
 writes the tokenizer corpus, a manifest (counts per task/tag/split, shard checksums, verifier agreement) and a
 preview grid.
 """
@@ -21,7 +21,8 @@ from typing import Any
 from unirl.config import option
 from unirl.data import tasks as task_lib
 from unirl.data import verifier
-from unirl.data.shards import write_manifest, write_shards
+from unirl.data.shard_writer import write_shards
+from unirl.data.shards import write_manifest
 from unirl.progress import progress_bar
 
 SPLITS = ("train", "val", "test")

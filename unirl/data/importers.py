@@ -1,4 +1,4 @@
-"""Import existing datasets on disk into the shard schema (records for :func:`unirl.data.shards.write_shards`).
+"""Import existing datasets on disk into the shard schema (records for :func:`unirl.data.shard_writer.write_shards`).
 
 Two layouts are read, nothing is fetched from a hub:
 
