@@ -54,7 +54,8 @@ def micro_params(tmp: Path) -> Path:
         "eval_interval": 2, "eval_per_tag": 1, "eval_lm_per_task": 2, "eval_steps": 2, "eval_max_new_tokens": 8,
         "max_minutes": 5.0, "progress": False,
     }
-    params["vae"].update(steps=2, batch_size=4, eval_images=4, min_verifier_agreement=0.0, progress=False)
+    params["vae"].update(steps=2, decoder_steps=2, batch_size=4, eval_images=4, min_verifier_agreement=0.0,
+                         progress=False)
     params["rl"] = {
         "steps": 1, "prompts_per_step": 1, "group_size": 2, "sde_steps": 2, "max_new_tokens": 8, "eval_prompts": 2,
         "grid_prompts": 2, "eval_batch_size": 2, "progress": False,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -22,6 +23,7 @@ from unirl.train import EngineConfig, build_engine
 from unirl.train.checkpoint import (
     CheckpointError,
     capture_rng_state,
+    inputs_digest,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -252,3 +254,40 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
         assert torch.equal(fa[k], fb[k]), k
     assert not torch.equal(fa["body.0.weight"], init["body.0.weight"])
     assert [p.name for p in list_checkpoints(tmp_path / "ck")] == ["step-000003", "step-000006"]
+
+
+def test_inputs_digest_follows_contents_not_paths_or_times(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        (d / "sub").mkdir(parents=True)
+        (d / "sub" / "x.bin").write_bytes(b"\x00\x01")
+        (d / "y.json").write_text("{}")
+    assert inputs_digest([a]) == inputs_digest([b])  # same contents elsewhere: same runs
+    os.utime(b / "y.json", (1, 1))
+    assert inputs_digest([a]) == inputs_digest([b])
+    (b / "sub" / "x.bin").write_bytes(b"\x00\x02")
+    assert inputs_digest([a]) != inputs_digest([b])  # new data: a fresh run
+    (b / "sub" / "x.bin").write_bytes(b"\x00\x01")
+    (b / "z").write_text("")
+    assert inputs_digest([a]) != inputs_digest([b])  # an added file counts
+    assert inputs_digest([a, tmp_path / "nope"]) != inputs_digest([a])  # a missing input is part of the identity
+    assert inputs_digest([a / "y.json"]) == inputs_digest([b / "y.json"])  # single files too
+
+
+def test_default_run_dirs_move_with_the_input_data(tmp_path: Path) -> None:
+    from unirl.rl.trainer import RLConfig
+    from unirl.train.sft import SFTConfig, resolve_run_dir
+
+    dirs = {n: tmp_path / n for n in ("shards", "tok", "vae", "init")}
+    for d in dirs.values():
+        d.mkdir()
+        (d / "f").write_text("v1")
+    sft = SFTConfig(shards_dir=str(dirs["shards"]), tokenizer_dir=str(dirs["tok"]), vae_dir=str(dirs["vae"]))
+    rl = RLConfig(init_dir=str(dirs["init"]), shards_dir=str(dirs["shards"]))
+    before = resolve_run_dir(sft).run_dir, rl.resolved().run_dir
+    assert before == (resolve_run_dir(sft).run_dir, rl.resolved().run_dir)  # same settings + data: resume
+    (dirs["vae"] / "f").write_text("v2")  # a retrained autoencoder: SFT starts afresh, RL (same init) does not
+    assert resolve_run_dir(sft).run_dir != before[0] and rl.resolved().run_dir == before[1]
+    (dirs["init"] / "f").write_text("v2")  # a new SFT model: RL starts afresh
+    assert rl.resolved().run_dir != before[1]
+    assert resolve_run_dir(dataclasses.replace(sft, run_dir="mine")).run_dir == "mine"  # explicit: kept

@@ -41,7 +41,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     curate(cur, progress=False)
     build_tokenizer(TokenizerConfig(corpus=cur.corpus_path, out_dir=str(tmp / "tokenizer"), vocab_size=512))
     train_vae(VAEStageConfig(shards_dir=cur.out_dir, out_dir=str(tmp / "vae"), metrics_path=str(tmp / "vae.json"),
-                             grid_path=str(tmp / "vae.png"), steps=5, batch_size=8, eval_images=8,
+                             grid_path=str(tmp / "vae.png"), steps=5, decoder_steps=2, batch_size=8, eval_images=8,
                              min_verifier_agreement=0.0, tracking=False, progress=False, torch_threads=1))
     return tmp
 

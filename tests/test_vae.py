@@ -30,7 +30,7 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _cfg(shards: Path, out: Path, **kw) -> VAEStageConfig:
     base = dict(shards_dir=str(shards), out_dir=str(out / "vae"), metrics_path=str(out / "vae.json"),
-                grid_path=str(out / "recon.png"), steps=40, batch_size=8, eval_images=16,
+                grid_path=str(out / "recon.png"), steps=40, decoder_steps=0, batch_size=8, eval_images=16,
                 min_verifier_agreement=0.0, tracking=False, progress=False, torch_threads=1)
     base.update(kw)
     return VAEStageConfig(**base)
@@ -69,6 +69,31 @@ def test_vae_stage_trains_logs_and_sft_builds_on_it(shards: Path, tmp_path: Path
     lat = unified.encode_images(pil)  # (64, 8, 8, 8)
     assert lat.shape == (64, *unified.latent_shape) == (64, 8, 8, 8)
     assert 0.7 < float(lat.std()) < 1.4
+
+
+def test_decoder_phase_moves_only_the_decoder(shards: Path, tmp_path: Path, monkeypatch) -> None:
+    """The decoder-only phase leaves the latent space SFT trains on (encoder, scaling factor) bit-identical."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    plain = _cfg(shards, tmp_path / "plain", steps=20)
+    two = _cfg(shards, tmp_path / "two", steps=20, decoder_steps=15, decoder_latent_noise=0.6, tracking=True,
+               experiment="vae-decoder")
+    m_plain, m_two = train_vae(plain), train_vae(two)
+    a = load_file(Path(plain.out_dir) / "diffusion_pytorch_model.safetensors")
+    b = load_file(Path(two.out_dir) / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        if name.startswith("encoder."):
+            torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+    assert any(not torch.equal(a[n], b[n]) for n in a if n.startswith("decoder."))
+    assert m_two["latent_std"] == m_plain["latent_std"]
+    cfg_a, cfg_b = (json.loads((Path(c.out_dir) / "config.json").read_text()) for c in (plain, two))
+    assert cfg_a["scaling_factor"] == cfg_b["scaling_factor"]
+    client = mlflow.tracking.MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("vae-decoder").experiment_id])
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss/decoder_mse")]
+    assert steps == list(range(21, 36))  # logged after the 20 joint steps, one per decoder step
+    with pytest.raises(ValueError, match="decoder_steps >= 0"):
+        train_vae(dataclasses.replace(plain, decoder_steps=-1))
 
 
 def test_identity_reconstruction_scores_perfectly(shards: Path) -> None:

@@ -41,6 +41,7 @@ from unirl.config import from_dict, load_params, merge_overrides, option, to_dic
 from unirl.rl.prompts import load_prompts, sample_prompts
 from unirl.rl.report import atomic_text, before_after_grid, step_metrics, write_reward_curve
 from unirl.rl.scenario import Scenario, get_scenario
+from unirl.train.checkpoint import inputs_digest
 from unirl.train.engine import EngineConfig
 
 __all__ = ["RLConfig", "derive_seed", "evaluate_seeds", "load_rl_config", "run_rl", "train_rl"]
@@ -57,7 +58,8 @@ class RLConfig:
     shards_dir: str = option("data/shards", "shard root: prompts from <shards_dir>/<task>/{train,test}-*.tar")
     out_dir: str = option("", "final model (save_pretrained); empty: data/models/rl_<scenario>")
     reports_dir: str = option("", "metrics.json, reward curve, sample grid; empty: data/reports/rl_<scenario>")
-    run_dir: str = option("", "training checkpoints (resume from the latest); empty: data/runs/rl_<scenario>")
+    run_dir: str = option("", "training checkpoints (resume from the latest); empty: data/runs/rl_<scenario>/<hash "
+                              "of the settings, init_dir and shards_dir>")
     seed: int = option(0, "seed: prompts and noise of step s on rank r derive from (seed, s, r)")
     # --- budget ---
     steps: int = option(40, "GRPO steps (one rollout batch each)")
@@ -117,10 +119,13 @@ class RLConfig:
         cfg.reports_dir = cfg.reports_dir or f"data/reports/rl_{cfg.scenario}"
         cfg.experiment = cfg.experiment or f"rl_{cfg.scenario}"
         if not cfg.run_dir:
-            # One run directory per training configuration: a rerun with the same settings resumes its checkpoints,
-            # a rerun with other settings (e.g. `dvc repro` after a params.yaml change) starts a fresh run.
+            # One run directory per training configuration and input data: a rerun with the same settings and
+            # inputs resumes its checkpoints; other settings (e.g. `dvc repro` after a params.yaml change) or a new
+            # initial model or prompt set start a fresh run.
             signature = {k: v for k, v in to_dict(cfg).items() if k not in RESUMABLE_CHANGES}
-            digest = hashlib.sha256(json.dumps(signature, sort_keys=True, default=str).encode()).hexdigest()[:12]
+            inputs = inputs_digest([cfg.init_dir, cfg.shards_dir])
+            blob = json.dumps([signature, inputs], sort_keys=True, default=str).encode()
+            digest = hashlib.sha256(blob).hexdigest()[:12]
             cfg.run_dir = f"data/runs/rl_{cfg.scenario}/{digest}"
         return cfg
 

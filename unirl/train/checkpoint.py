@@ -50,6 +50,7 @@ __all__ = [
     "CheckpointError",
     "capture_rng_state",
     "check_key_sets",
+    "inputs_digest",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
@@ -214,6 +215,24 @@ def _sha256(path: Path) -> str:
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
+    return h.hexdigest()
+
+
+def inputs_digest(paths: Iterable[str | os.PathLike]) -> str:
+    """sha256 over the files under ``paths`` (files or directories): relative names and contents, sorted.
+
+    Part of a stage's default run directory, so that new input data (shards, tokenizer, autoencoder, initial model)
+    starts a fresh run instead of resuming checkpoints trained on the old data. A missing path counts as
+    ``missing`` (the stage itself reports it).
+    """
+    h = hashlib.sha256()
+    for i, root in enumerate(map(Path, paths)):
+        files = [(root.name, root)] if root.is_file() else []
+        if root.is_dir():
+            files = sorted((str(p.relative_to(root)), p) for p in root.rglob("*") if p.is_file())
+        h.update(f"input {i}: {len(files) or 'missing'}\n".encode())
+        for name, f in files:
+            h.update(f"{name}\n{_sha256(f)}\n".encode())
     return h.hexdigest()
 
 

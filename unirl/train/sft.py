@@ -47,7 +47,14 @@ from unirl.models.unified import DTYPES, UnifiedModel
 from unirl.progress import progress_bar
 from unirl.tracking import data_version, make_tracker
 from unirl.train import sft_data as D
-from unirl.train.checkpoint import INDEX, CheckpointError, latest_checkpoint, resume_training, save_training_checkpoint
+from unirl.train.checkpoint import (
+    INDEX,
+    CheckpointError,
+    inputs_digest,
+    latest_checkpoint,
+    resume_training,
+    save_training_checkpoint,
+)
 from unirl.train.distributed import barrier, default_device, init_distributed
 from unirl.train.ema import WeightEMA
 from unirl.train.engine import Engine, EngineConfig, build_engine
@@ -69,9 +76,9 @@ class SFTConfig:
                                              "is a config without a path; '' = untrained (tests only)")
     out_dir: str = option("data/models/sft", "final model directory (save_pretrained, tokenizer included)")
     run_dir: str = option("", "step checkpoints; a run resumes from the newest one here. Empty: "
-                               "data/runs/sft/<hash of the training settings>, so a rerun with other settings "
-                               "(e.g. `dvc repro` after a params.yaml change) starts afresh and one with the same "
-                               "settings resumes")
+                               "data/runs/sft/<hash of the training settings and the input data>, so a rerun "
+                               "with other settings or data (e.g. `dvc repro` after a params.yaml change or a new "
+                               "vae) starts afresh and one with the same settings and data resumes")
     resume_from: str | None = option(None, "explicit checkpoint (step dir or run dir) to resume from; must exist")
     metrics_path: str = option("data/metrics/sft.json", "held-out evaluation metrics (JSON)")
     loss_csv: str = option("data/plots/sft_loss.csv", "per-step losses (CSV: step, phase, loss)")
@@ -202,10 +209,12 @@ def training_signature(cfg: SFTConfig) -> dict[str, Any]:
 
 
 def resolve_run_dir(cfg: SFTConfig) -> SFTConfig:
-    """``cfg`` with an empty ``run_dir`` filled in as ``data/runs/sft/<12 hex digits of the training signature>``."""
+    """``cfg`` with an empty ``run_dir`` filled in as ``data/runs/sft/<12 hex digits>`` of the training signature
+    and the input data (shards, tokenizer, autoencoder): new data starts afresh instead of resuming stale weights."""
     if cfg.run_dir:
         return cfg
-    blob = json.dumps(training_signature(cfg), sort_keys=True, default=str).encode()
+    inputs = inputs_digest([cfg.shards_dir, cfg.tokenizer_dir, cfg.vae_dir])
+    blob = json.dumps([training_signature(cfg), inputs], sort_keys=True, default=str).encode()
     return dataclasses.replace(cfg, run_dir=f"data/runs/sft/{hashlib.sha256(blob).hexdigest()[:12]}")
 
 

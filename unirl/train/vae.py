@@ -14,6 +14,10 @@ Variant, against DC-AE (Chen et al., 2024):
   the reconstruction as it reads the original);
 * Gaussian noise of ``latent_noise`` x the batch's latent std is added to the latents before decoding (not in the
   paper), so the decoder tolerates the small errors of the DiT's latents;
+* then a decoder-only phase (not in the paper): ``decoder_steps`` more steps with the encoder frozen (so the latent
+  space and ``scaling_factor`` the DiT learns on are final after the first phase) and ``decoder_latent_noise``
+  (0.6) x the latent std. Decoding the SFT model's own latents, this decoder raised held-out GenEval `correct` by
+  0.02-0.05 on val and test (0.1 as before: no change; 1.0: clean reconstructions start to blur; README, SFT);
 * after training, ``scaling_factor`` = 1 / std of the train latents (SANA's convention: the DiT sees
   ``latent * scaling_factor``).
 
@@ -25,8 +29,10 @@ original-vs-reconstruction grid; an MLflow run with the loss every step and the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +70,11 @@ class VAEStageConfig:
     batch_size: int = option(32, "images per step")
     lr: float = option(1e-3, "AdamW learning rate (cosine decay to 10%)")
     latent_noise: float = option(0.1, "std of the noise added to the latents before decoding, x the batch latent std")
+    decoder_steps: int = option(600, "then train the decoder alone (encoder, latent space and scaling frozen) for "
+                                     "this many steps; 0 = off")
+    decoder_latent_noise: float = option(0.6, "latent noise of the decoder-only phase, x the batch latent std: a "
+                                              "decoder that maps imprecise (DiT) latents onto clean shapes")
+    decoder_lr: float = option(3e-4, "AdamW learning rate of the decoder-only phase (constant)")
     seed: int = option(0, "seed of the init, the batch order and the noise")
     torch_threads: int = option(2, "torch intra-op threads (0 = torch's default)")
     max_bad_fraction: float = option(0.0, "tolerated share of unreadable samples per shard set")
@@ -148,8 +159,9 @@ def train_vae(cfg: VAEStageConfig) -> dict[str, Any]:
                          "autoencoder to train; drop the vae stage or give the profile a vae.config")
     if mcfg.vae.path:
         return _score_pretrained(cfg, mcfg)
-    if cfg.steps < 1 or cfg.batch_size < 1:
-        raise ValueError(f"vae.steps and vae.batch_size must be >= 1, got {cfg.steps} and {cfg.batch_size}")
+    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.decoder_steps < 0:
+        raise ValueError(f"vae.steps and vae.batch_size must be >= 1 and vae.decoder_steps >= 0, got {cfg.steps}, "
+                         f"{cfg.batch_size} and {cfg.decoder_steps}")
     if cfg.torch_threads > 0:
         torch.set_num_threads(cfg.torch_threads)
     t0 = time.time()
@@ -165,36 +177,29 @@ def train_vae(cfg: VAEStageConfig) -> dict[str, Any]:
     tracker.start("vae", params=to_dict(cfg), tags={"seed": str(cfg.seed), "data_version": str(dversion)})
     status = "FAILED"
     try:
-        bar = progress_bar(total=cfg.steps, desc="vae", unit="step", disable=not cfg.progress)
-        for step in range(cfg.steps):
-            x = train[torch.randint(len(train), (cfg.batch_size,), generator=gen)]  # (B, 3, R, R)
-            z = vae.encode(x).latent  # (B, C, R/f, R/f)
-            z = z + cfg.latent_noise * z.detach().std() * torch.randn(z.shape, generator=gen)
-            loss = F.mse_loss(vae.decode(z).sample, x)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"vae: non-finite reconstruction loss at step {step + 1}; lower vae.lr "
-                                         f"(now {cfg.lr})")
-            for g in opt.param_groups:
-                g["lr"] = cfg.lr * lr_factor(schedule, step)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            tracker.log_metrics({"loss/mse": float(loss.detach()), "lr": opt.param_groups[0]["lr"]}, step=step + 1)
-            bar.update(1)
-            bar.set_postfix(mse=f"{float(loss.detach()):.5f}")
-        bar.close()
+        bar = progress_bar(total=cfg.steps + cfg.decoder_steps, desc="vae", unit="step", disable=not cfg.progress)
+        fit = functools.partial(_fit, vae, train, cfg.batch_size, gen, tracker, bar)
+        fit(opt, range(cfg.steps), cfg.latent_noise, lambda step: cfg.lr * lr_factor(schedule, step), "mse", "vae.lr")
         vae.eval().requires_grad_(False)
         with torch.no_grad():
             z = torch.cat([vae.encode(train[i:i + 256]).latent for i in range(0, len(train), 256)])  # (N, C, h, w)
         vae.register_to_config(scaling_factor=float(1.0 / z.std()))
+        if cfg.decoder_steps > 0:  # the latent space is final: only the decoder moves from here on
+            vae.decoder.train().requires_grad_(True)
+            dec_opt = torch.optim.AdamW(vae.decoder.parameters(), lr=cfg.decoder_lr, weight_decay=0.0)
+            fit(dec_opt, range(cfg.steps, cfg.steps + cfg.decoder_steps), cfg.decoder_latent_noise,
+                lambda step: cfg.decoder_lr, "decoder_mse", "vae.decoder_lr")
+            vae.eval().requires_grad_(False)
+        bar.close()
         metrics, grid = _report(vae, val, cfg.grid_path)
         metrics.update(latent_std=float(z.std()), latent_mean=float(z.mean()), train_images=len(train),
                        minutes=(time.time() - t0) / 60)
         with staged_dir(cfg.out_dir) as tmp:  # atomic: save_pretrained into a temp dir, then swap it in
             vae.save_pretrained(tmp, safe_serialization=True)
-        tracker.log_metrics({f"val/{k}": float(v) for k, v in metrics.items()}, step=cfg.steps)
-        tracker.log_image(grid, "reconstructions", cfg.steps)
-        tracker.log_checkpoint(cfg.out_dir, cfg.steps, seed=cfg.seed, data_version=dversion, params=to_dict(cfg),
+        last = cfg.steps + cfg.decoder_steps
+        tracker.log_metrics({f"val/{k}": float(v) for k, v in metrics.items()}, step=last)
+        tracker.log_image(grid, "reconstructions", last)
+        tracker.log_checkpoint(cfg.out_dir, last, seed=cfg.seed, data_version=dversion, params=to_dict(cfg),
                                loader="unirl.train.vae:load_vae", name="vae")
         metrics["run_url"] = tracker.run_url()
         atomic_write_json(cfg.metrics_path, metrics)
@@ -207,6 +212,28 @@ def train_vae(cfg: VAEStageConfig) -> dict[str, Any]:
         return metrics
     finally:
         tracker.finish(status)
+
+
+def _fit(vae: AutoencoderDC, train: torch.Tensor, batch_size: int, gen: torch.Generator, tracker: Any, bar: Any,
+         opt: torch.optim.Optimizer, steps: range, noise: float, lr_at: Callable[[int], float], name: str,
+         lr_key: str) -> None:
+    """Reconstruction steps ``steps`` (global indices) with ``opt``: decode the latents plus ``noise`` x their std."""
+    for step in steps:
+        x = train[torch.randint(len(train), (batch_size,), generator=gen)]  # (B, 3, R, R)
+        z = vae.encode(x).latent  # (B, C, R/f, R/f)
+        z = z + noise * z.detach().std() * torch.randn(z.shape, generator=gen)
+        loss = F.mse_loss(vae.decode(z).sample, x)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"vae: non-finite reconstruction loss at step {step + 1}; lower {lr_key} "
+                                     f"(now {lr_at(step)})")
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        tracker.log_metrics({f"loss/{name}": float(loss.detach()), "lr": opt.param_groups[0]["lr"]}, step=step + 1)
+        bar.update(1)
+        bar.set_postfix({name: f"{float(loss.detach()):.5f}"})
 
 
 def _score_pretrained(cfg: VAEStageConfig, mcfg: ModelConfig) -> dict[str, Any]:
