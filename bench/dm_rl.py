@@ -243,7 +243,7 @@ def main() -> None:
         shards = Path(args.shards)
         if not (shards / "t2i").is_dir():
             from unirl.data import tasks
-            from unirl.data.shards import write_shards
+            from unirl.data.shard_writer import write_shards
 
             rng = random.Random("bench")
             items = [(f"t2i_{i:05d}", "train" if i < 64 else "test", tasks.generate("t2i", rng, 32))

@@ -16,7 +16,8 @@ from PIL import Image
 
 from unirl.data import tasks as task_lib
 from unirl.data.shapes import Scene, render
-from unirl.data.shards import read_samples, write_shards
+from unirl.data.shard_writer import write_shards
+from unirl.data.shards import read_samples
 from unirl.data.verifier import DEFAULT_DETECTOR, score
 from unirl.eval.benchmarks import (
     BENCHMARKS,
