@@ -82,7 +82,7 @@ def _rl_asset(scenario: str) -> dg.AssetsDefinition:
               description=f"GRPO in the `{scenario}` scenario, from the SFT model.")
     def _rl(context: AssetExecutionContext, unirl: UnirlParams, launcher: StageLauncher) -> dg.MaterializeResult:
         launcher.run(context, "rl", unirl.params_path, ["--scenario", scenario])
-        cfg = load_stage_config("rl", unirl.params_path, scenario=scenario).resolved()
+        cfg = load_stage_config("rl", unirl.params_path, scenario=scenario).with_outputs()
         reports = Path(cfg.reports_dir)
         meta = _summary_metadata(reports / "metrics.json", {"reward_curve": reports / "reward_curve.png",
                                                             "before_after": reports / "samples_before_after.png"})

@@ -112,12 +112,17 @@ class RLConfig:
     torch_threads: int = option(0, "torch intra-op threads per process (0 = torch's default)")
     progress: bool = option(True, "tqdm progress bar over steps (rank 0)")
 
-    def resolved(self) -> RLConfig:
-        """A copy with the empty output paths filled in from the scenario name."""
+    def with_outputs(self) -> RLConfig:
+        """A copy with the empty output paths (model, reports, experiment) filled in from the scenario name."""
         cfg = copy.deepcopy(self)
         cfg.out_dir = cfg.out_dir or f"data/models/rl_{cfg.scenario}"
         cfg.reports_dir = cfg.reports_dir or f"data/reports/rl_{cfg.scenario}"
         cfg.experiment = cfg.experiment or f"rl_{cfg.scenario}"
+        return cfg
+
+    def resolved(self) -> RLConfig:
+        """:meth:`with_outputs` plus the run directory, which hashes the input data (reads init_dir and shards)."""
+        cfg = self.with_outputs()
         if not cfg.run_dir:
             # One run directory per training configuration and input data: a rerun with the same settings and
             # inputs resumes its checkpoints; other settings (e.g. `dvc repro` after a params.yaml change) or a new

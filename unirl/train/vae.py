@@ -180,16 +180,17 @@ def train_vae(cfg: VAEStageConfig) -> dict[str, Any]:
         bar = progress_bar(total=cfg.steps + cfg.decoder_steps, desc="vae", unit="step", disable=not cfg.progress)
         fit = functools.partial(_fit, vae, train, cfg.batch_size, gen, tracker, bar)
         fit(opt, range(cfg.steps), cfg.latent_noise, lambda step: cfg.lr * lr_factor(schedule, step), "mse", "vae.lr")
-        vae.eval().requires_grad_(False)
+        vae.eval()
         with torch.no_grad():
             z = torch.cat([vae.encode(train[i:i + 256]).latent for i in range(0, len(train), 256)])  # (N, C, h, w)
         vae.register_to_config(scaling_factor=float(1.0 / z.std()))
         if cfg.decoder_steps > 0:  # the latent space is final: only the decoder moves from here on
-            vae.decoder.train().requires_grad_(True)
+            vae.encoder.requires_grad_(False)
+            vae.decoder.train()
             dec_opt = torch.optim.AdamW(vae.decoder.parameters(), lr=cfg.decoder_lr, weight_decay=0.0)
             fit(dec_opt, range(cfg.steps, cfg.steps + cfg.decoder_steps), cfg.decoder_latent_noise,
                 lambda step: cfg.decoder_lr, "decoder_mse", "vae.decoder_lr")
-            vae.eval().requires_grad_(False)
+        vae.eval().requires_grad_(False)
         bar.close()
         metrics, grid = _report(vae, val, cfg.grid_path)
         metrics.update(latent_std=float(z.std()), latent_mean=float(z.mean()), train_images=len(train),
