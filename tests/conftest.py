@@ -53,6 +53,7 @@ def micro_params(tmp: Path) -> Path:
         "lm_steps": 2, "dm_steps": 2, "lm_batch_size": 4, "dm_batch_size": 4, "checkpoint_interval": 2,
         "eval_interval": 2, "eval_per_tag": 1, "eval_lm_per_task": 2, "eval_steps": 2, "eval_max_new_tokens": 8,
         "max_minutes": 5.0, "progress": False,
+        "processes": 2, "torch_threads": 1,  # as params.yaml: the stage relaunches itself under torchrun
     }
     params["vae"].update(steps=2, decoder_steps=2, batch_size=4, eval_images=4, min_verifier_agreement=0.0,
                          progress=False)

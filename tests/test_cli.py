@@ -53,3 +53,19 @@ def test_import_data_writes_split_shard_sets(params_file, tmp_path, capsys):
 def test_import_data_without_inputs_is_an_error(params_file):
     with pytest.raises(ValueError, match="nothing to import"):
         main(["--params", str(params_file), "import-data"])
+
+
+def test_relaunch_command_for_local_processes(monkeypatch):
+    from unirl.cli import relaunch_command
+    from unirl.train.sft import SFTConfig
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    argv = ["--params", "p.yaml", "sft", "--set", "seed=1"]
+    assert relaunch_command(SFTConfig(processes=1), argv) is None
+    cmd = relaunch_command(SFTConfig(processes=2), argv)
+    assert cmd == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                   "-m", "unirl.cli", *argv]
+    monkeypatch.setenv("WORLD_SIZE", "2")  # already a rank of a torchrun/deepspeed job: run in place
+    assert relaunch_command(SFTConfig(processes=2), argv) is None
+    with pytest.raises(SystemExit, match="processes must be >= 1"):
+        relaunch_command(SFTConfig(processes=0), argv)

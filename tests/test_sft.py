@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from tests.conftest import ROOT, small_params
@@ -174,12 +174,6 @@ def _worker(cfg: SFTConfig, out: Path) -> list[str]:
     return [sys.executable, str(WORKER), "--config", json.dumps(to_dict(cfg)), "--out", str(out)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _env() -> dict[str, str]:
     base = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
                                                               "MASTER_PORT")}
@@ -224,13 +218,18 @@ def test_resume_after_sigkill_matches_uninterrupted_run(project: Path, tmp_path:
 
 @pytest.mark.slow
 def test_two_processes_end_with_identical_parameters(project: Path, tmp_path: Path) -> None:
-    cfg = small_cfg(project, tmp_path, lm_steps=2, dm_steps=2, eval_lm_per_task=1)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *_worker(cfg, tmp_path / "w")[1:]]
-    subprocess.run(cmd, env=_env(), cwd=ROOT, check=True, timeout=300)
-    d0, d1 = (json.loads((tmp_path / "w" / f"rank{r}.json").read_text())["digest"] for r in (0, 1))
-    assert d0 == d1
-    shutil.rmtree(tmp_path / "w")
+    """`unirl sft` with `processes: 2` relaunches itself under torchrun; both ranks end with the same parameters."""
+    cfg = small_cfg(project, tmp_path, lm_steps=2, dm_steps=2, eval_lm_per_task=1, processes=2)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"sft": to_dict(cfg)}))
+    proc = subprocess.run([sys.executable, "-m", "unirl.cli", "--params", str(params), "sft"], env=_env(), cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "-m torch.distributed.run --standalone --nproc_per_node 2 -m unirl.cli --params" in proc.stdout
+    digests = [json.loads(line)["param_digest"] for line in proc.stdout.splitlines() if line.startswith('{"out_dir"')]
+    assert len(digests) == 2 and digests[0] == digests[1]  # one summary per rank
+    assert UnifiedModel.from_pretrained(cfg.out_dir) is not None  # rank 0 saved the model
+    shutil.rmtree(tmp_path / "run")
 
 
 @pytest.mark.slow

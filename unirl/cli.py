@@ -13,7 +13,8 @@
     unirl pipeline                                      every stage in order, without DVC's caching
 
 ``--set key=value`` overrides a field of the stage's config (YAML-parsed value); ``--params`` picks another file.
-The same entry points back the DVC stages and the Dagster assets.
+The same entry points back the DVC stages and the Dagster assets. ``processes: N`` in the ``sft`` or ``rl`` section
+makes the stage replace itself with ``torchrun --standalone --nproc_per_node N`` running the same command.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
+import shlex
+import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -143,13 +147,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def relaunch_command(cfg: Any, argv: list[str]) -> list[str] | None:
+    """The ``torchrun --standalone`` command that reruns this CLI call in ``cfg.processes`` local processes.
+
+    None when the stage has no ``processes`` field, asks for one process, or already runs under a launcher
+    (``torchrun``/``deepspeed`` export ``WORLD_SIZE``; their world size then applies).
+    """
+    n = int(getattr(cfg, "processes", 1))
+    if n < 1:
+        raise SystemExit(f"processes must be >= 1, got {n}")
+    if n == 1 or "WORLD_SIZE" in os.environ:
+        return None
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+            "-m", "unirl.cli", *argv]
+
+
+def _relaunch_env() -> dict[str, str]:
+    """The environment of a relaunch: each rank sets its intra-op threads from the stage's ``torch_threads``."""
+    return {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     retain_freed_memory()  # large CPU tensors reuse the heap instead of faulting in fresh pages each step
     if args.command == "pipeline":
         for name in PIPELINE:
-            print(f"==> unirl {name.replace(':', ' --scenario ')}", flush=True)
-            run_stage(name, args.params)
+            stage, _, scenario = name.partition(":")
+            print(f"==> unirl {stage}" + (f" --scenario {scenario}" if scenario else ""), flush=True)
+            stage_argv = [*(["--params", args.params] if args.params else []), stage,
+                          *(["--scenario", scenario] if scenario else [])]
+            cmd = relaunch_command(load_stage_config(stage, args.params, None, scenario or None), stage_argv)
+            if cmd is None:
+                run_stage(name, args.params)
+            elif subprocess.run(cmd, env=_relaunch_env(), check=False).returncode != 0:
+                raise SystemExit(f"stage {name} failed (see its output above); fix it and rerun `unirl pipeline`")
         return 0
     if args.command == "eval" and args.action == "geneval":
         from unirl.eval.geneval import main as geneval_main
@@ -166,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
         for key, value in vars(cfg).items():
             print(f"{key} = {value!r}    # {helps.get(key, '')}")
         return 0
+    if args.command in ("sft", "rl"):
+        cmd = relaunch_command(load_stage_config(args.command, args.params, overrides, scenario), argv)
+        if cmd is not None:  # torchrun replaces this process, so signals (Ctrl-C, Dagster's terminate) reach it
+            print("==> " + shlex.join(cmd), flush=True)
+            os.execve(cmd[0], cmd, _relaunch_env())
     kwargs: dict[str, Any] = {}
     if args.command == "curate" and args.task:
         kwargs = {"tasks": args.task}

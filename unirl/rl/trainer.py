@@ -61,6 +61,8 @@ class RLConfig:
     run_dir: str = option("", "training checkpoints (resume from the latest); empty: data/runs/rl_<scenario>/<hash "
                               "of the settings, init_dir and shards_dir>")
     seed: int = option(0, "seed: prompts and noise of step s on rank r derive from (seed, s, r)")
+    processes: int = option(1, "local data-parallel processes: >1 relaunches `unirl rl` under `torchrun --standalone` "
+                               "(prompts_per_step is per process); an outside launcher's world size overrides it")
     # --- budget ---
     steps: int = option(40, "GRPO steps (one rollout batch each)")
     max_minutes: float = option(0.0, "wall-clock budget incl. evaluation; the loop stops early to meet it (0 = off)")
@@ -239,8 +241,8 @@ def train_rl(cfg: RLConfig, scenario: Scenario | None = None) -> dict[str, Any]:
     cfg = cfg.resolved()
     if cfg.group_size < 2:
         raise ValueError(f"rl.group_size must be >= 2 (advantages are normalised within groups), got {cfg.group_size}")
-    if cfg.inner_updates < 1 or cfg.prompts_per_step < 1:
-        raise ValueError("rl.inner_updates and rl.prompts_per_step must be >= 1")
+    if min(cfg.inner_updates, cfg.prompts_per_step, cfg.processes) < 1:
+        raise ValueError("rl.inner_updates, rl.prompts_per_step and rl.processes must be >= 1")
     if cfg.eval_seeds < 1:
         raise ValueError(f"rl.eval_seeds must be >= 1 (evaluation repeats), got {cfg.eval_seeds}")
     if cfg.replay_chunk < 0:

@@ -85,6 +85,9 @@ class SFTConfig:
     loss_plot: str = option("data/plots/sft_loss.png", "loss curve (PNG)")
     grid_path: str = option("data/plots/sft_grid.png", "final sample grid of held-out prompts (PNG)")
     seed: int = option(0, "seed of the model init, the data order and every noise draw")
+    processes: int = option(1, "local data-parallel processes: >1 relaunches `unirl sft` (so `dvc repro`, the Dagster "
+                               "asset) under `torchrun --standalone`; batch sizes are per process; an outside "
+                               "torchrun/deepspeed launcher's world size overrides it")
     torch_threads: int = option(1, "torch intra-op threads per process (0 = torch's default; 1 is fastest on a shared "
                                     "2-core machine, 2 when the run is alone)")
     # --- LM phase ---
@@ -321,9 +324,9 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
         torch.set_num_threads(cfg.torch_threads)
     info = init_distributed()
     rank, main = info.rank, info.is_main
-    for name in ("lm_steps", "dm_steps"):
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"sft.{name} must be >= 0, got {getattr(cfg, name)}")
+    for name, least in (("lm_steps", 0), ("dm_steps", 0), ("processes", 1)):
+        if getattr(cfg, name) < least:
+            raise ValueError(f"sft.{name} must be >= {least}, got {getattr(cfg, name)}")
     ckpt, phase0, phase_step0 = _resume_point(cfg)
     tok = load_tokenizer(cfg.tokenizer_dir)
     mcfg = with_trained_vae(load_model_config(cfg.profile), cfg.vae_dir)
