@@ -180,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
             cmd = relaunch_command(load_stage_config(stage, args.params, None, scenario or None), stage_argv)
             if cmd is None:
                 run_stage(name, args.params)
-            elif subprocess.run(cmd, env=_relaunch_env(), check=False).returncode != 0:
+                continue
+            print("==> " + shlex.join(cmd), flush=True)
+            if subprocess.run(cmd, env=_relaunch_env(), check=False).returncode != 0:
                 raise SystemExit(f"stage {name} failed (see its output above); fix it and rerun `unirl pipeline`")
         return 0
     if args.command == "eval" and args.action == "geneval":
