@@ -72,6 +72,7 @@ STAGES: dict[str, Stage] = {
         "register evaluated checkpoints and move the champion alias",
     ),
 }
+RELAUNCHABLE: tuple[str, ...] = ("sft", "rl")  # stages whose config has `processes` (local torchrun relaunch)
 PIPELINE: tuple[str, ...] = (
     "curate", "validate", "tokenizer", "vae", "sft", *(f"rl:{s}" for s in SCENARIOS), "eval", "promote",
 )
@@ -162,6 +163,14 @@ def relaunch_command(cfg: Any, argv: list[str]) -> list[str] | None:
             "-m", "unirl.cli", *argv]
 
 
+def _stage_relaunch(stage: str, params: str | None, overrides: dict[str, Any] | None, scenario: str | None,
+                    argv: list[str]) -> list[str] | None:
+    """:func:`relaunch_command` for the stages with a ``processes`` field (``sft``, ``rl``); None for the others."""
+    if stage not in RELAUNCHABLE:
+        return None
+    return relaunch_command(load_stage_config(stage, params, overrides, scenario), argv)
+
+
 def _relaunch_env() -> dict[str, str]:
     """The environment of a relaunch: each rank sets its intra-op threads from the stage's ``torch_threads``."""
     return {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
@@ -177,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"==> unirl {stage}" + (f" --scenario {scenario}" if scenario else ""), flush=True)
             stage_argv = [*(["--params", args.params] if args.params else []), stage,
                           *(["--scenario", scenario] if scenario else [])]
-            cmd = relaunch_command(load_stage_config(stage, args.params, None, scenario or None), stage_argv)
+            cmd = _stage_relaunch(stage, args.params, None, scenario or None, stage_argv)
             if cmd is None:
                 run_stage(name, args.params)
                 continue
@@ -200,11 +209,10 @@ def main(argv: list[str] | None = None) -> int:
         for key, value in vars(cfg).items():
             print(f"{key} = {value!r}    # {helps.get(key, '')}")
         return 0
-    if args.command in ("sft", "rl"):
-        cmd = relaunch_command(load_stage_config(args.command, args.params, overrides, scenario), argv)
-        if cmd is not None:  # torchrun replaces this process, so signals (Ctrl-C, Dagster's terminate) reach it
-            print("==> " + shlex.join(cmd), flush=True)
-            os.execve(cmd[0], cmd, _relaunch_env())
+    cmd = _stage_relaunch(args.command, args.params, overrides, scenario, argv)
+    if cmd is not None:  # torchrun replaces this process, so signals (Ctrl-C, Dagster's terminate) reach it
+        print("==> " + shlex.join(cmd), flush=True)
+        os.execve(cmd[0], cmd, _relaunch_env())
     kwargs: dict[str, Any] = {}
     if args.command == "curate" and args.task:
         kwargs = {"tasks": args.task}
