@@ -34,6 +34,7 @@ from unirl.eval.benchmarks import (
 )
 from unirl.eval.geneval import score_geneval_folder
 from unirl.eval.report import HEADLINE, TABLE_COLUMNS, EvalConfig, run_eval
+from unirl.models import load_model_config
 from unirl.models.tiny import tiny_model
 from unirl.rewards.text import answer_accuracy
 
@@ -216,8 +217,10 @@ def test_run_eval_writes_results_tables_grids_and_one_mlflow_run(world, tmp_path
     assert {f"geneval/{t}" for t in GENEVAL_TAGS} | set(HEADLINE.values()) <= set(sft)
     assert on_disk["checkpoints"]["rl_t2i"] == sft  # same weights, same prompts, same seeds
     sampling = on_disk["settings"]["benchmarks"]["geneval"]["sampling"]["sft"]
-    keys = ("steps", "cfg_scale", "resolution", "seed")
-    assert {k: sampling[k] for k in keys} == {"steps": 2, "cfg_scale": 2.0, "resolution": 32, "seed": 0}
+    keys = ("steps", "cfg_scale", "cfg_schedule", "resolution", "seed")
+    profile = load_model_config("tiny").sampling  # the checkpoint's own guidance, recorded with its numbers
+    assert {k: sampling[k] for k in keys} == {"steps": 2, "cfg_scale": profile.cfg_scale,
+                                              "cfg_schedule": profile.cfg_schedule, "resolution": 32, "seed": 0}
     assert "zeroed" in sampling["unconditional"] and sampling["decoding"].startswith("greedy")
     assert set(on_disk["settings"]["benchmarks"]) == set(BENCHMARKS)
 

@@ -143,6 +143,7 @@ def test_zero_init_blocks_ref_patch_embed_gradient_at_step_zero(model):
 
 def test_cfg_with_zeroed_conditioning_is_the_unconditional_branch(model):
     torch.manual_seed(1)
+    model.config.sampling.cfg_schedule = "constant"  # the tiny profile's linear schedule: its own test below
     with torch.no_grad():
         c = model.encode(PROMPTS)
         x = torch.randn(2, *model.latent_shape)
@@ -167,7 +168,7 @@ def test_cfg_with_zeroed_conditioning_is_the_unconditional_branch(model):
 
 def test_t2i_guidance_interval_guides_exactly_the_samples_at_or_below_cfg_max_sigma(model):
     torch.manual_seed(2)
-    model.config.sampling.cfg_max_sigma = 0.5
+    model.config.sampling.cfg_max_sigma, model.config.sampling.cfg_schedule = 0.5, "constant"
     with torch.no_grad():
         model.ref_proj.weight.normal_(0, 0.05)
         c = model.encode(PROMPTS)
@@ -201,6 +202,42 @@ def test_t2i_guidance_interval_guides_exactly_the_samples_at_or_below_cfg_max_si
     model.config.sampling.cfg_max_sigma = 1.0
     with torch.no_grad():
         assert torch.allclose(model.guided_velocity(x, s, c, cfg_scale=3.0), v_u + 3.0 * (v_c - v_u), atol=1e-5)
+
+
+def test_t2i_linear_cfg_schedule_weights_each_sample_by_its_sigma(model):
+    torch.manual_seed(3)
+    sampling = model.config.sampling
+    sampling.cfg_schedule, sampling.cfg_max_sigma = "linear", 1.0
+    with torch.no_grad():
+        model.ref_proj.weight.normal_(0, 0.05)
+        c3 = model.encode(PROMPTS + PROMPTS[:1])
+        x = torch.randn(3, *model.latent_shape)
+        s = torch.tensor([1.0, 0.6, 0.0])  # pure noise, mid-way, the clean end
+        w = model.text_guidance_weight(s, 4.0)
+        torch.testing.assert_close(w, torch.tensor([1.0, 1.0 + 3.0 * 0.4, 4.0]))
+        v_u, v_c = model.velocity(x, s, c3.zeroed()), model.velocity(x, s, c3)
+        got = model.guided_velocity(x, s, c3, cfg_scale=4.0)
+        assert torch.allclose(got[0], v_c[0], atol=1e-6)  # weight 1 at pure noise: the conditional velocity
+        torch.testing.assert_close(got, v_u + w.view(3, 1, 1, 1) * (v_c - v_u), rtol=0, atol=1e-5)
+        for i in range(3):  # one transition at a time (the rollout) = the batch (the replay)
+            one = model.guided_velocity(x[i : i + 1], s[i : i + 1], c3.index(slice(i, i + 1)), cfg_scale=4.0)
+            torch.testing.assert_close(one, got[i : i + 1], rtol=0, atol=1e-5)
+        # with the guidance interval as well, the samples above it are unguided
+        sampling.cfg_max_sigma = 0.5
+        assert model.text_guidance_weight(s, 4.0).tolist() == [1.0, 1.0, 4.0]
+        # editing: the text term follows the schedule (no interval), w_ref stays constant
+        ref = model.encode_images([red_square(), blue_circle(), red_square()])
+        v_null, v_ref, v_txt = (model.velocity(x, s, c3.zeroed()), model.velocity(x, s, c3.zeroed(), ref),
+                                model.velocity(x, s, c3, ref))
+        got = model.guided_velocity(x, s, c3, ref, cfg_scale=4.0, ref_cfg_scale=1.5)
+        want = v_null + 1.5 * (v_ref - v_null) + w.view(3, 1, 1, 1) * (v_txt - v_ref)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        # a scalar sigma weights the whole batch; CFG 1 is no guidance under either schedule
+        assert torch.equal(model.guided_velocity(x, torch.tensor(0.9), c3, cfg_scale=1.0),
+                           model.velocity(x, torch.tensor(0.9), c3))
+    sampling.cfg_schedule, sampling.cfg_max_sigma = "constant", 1.0
+    with pytest.raises(ValueError, match="cfg_schedule must be one of constant, linear, got 'cosine'"):
+        type(sampling)(cfg_schedule="cosine")
 
 
 def test_reference_path_is_identity_at_init(model):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -27,7 +28,7 @@ from unirl.train import CheckpointError, EngineConfig
 from unirl.train import sft_data as D
 from unirl.train.checkpoint import load_checkpoint
 from unirl.train.losses import flow_matching_loss, lm_loss
-from unirl.train.sft import SFTConfig, _phase_engine, run_sft
+from unirl.train.sft import SFTConfig, _phase_engine, resolve_run_dir, run_sft
 from unirl.train.vae import VAEStageConfig, train_vae
 
 WORKER = ROOT / "tests" / "_sft_worker.py"
@@ -181,6 +182,23 @@ def _env() -> dict[str, str]:
 
 
 @pytest.mark.slow
+def test_run_directory_follows_the_architecture_not_the_sampling_settings(tmp_path: Path) -> None:
+    tiny = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+
+    def run_dir(edit) -> str:
+        profile = copy.deepcopy(tiny)
+        edit(profile)
+        path = tmp_path / "profile.yaml"  # one path: the profile name is part of the signature
+        path.write_text(yaml.safe_dump(profile))
+        return resolve_run_dir(SFTConfig(profile=str(path), shards_dir=str(tmp_path / "none"))).run_dir
+
+    same = run_dir(lambda p: None)
+    # a new guidance default re-evaluates the finished run: training never reads the sampling settings
+    assert run_dir(lambda p: p["sampling"].update(cfg_scale=7.0, cfg_schedule="constant")) == same
+    # another architecture is another run: its checkpoints would not fit
+    assert run_dir(lambda p: p["dit"]["config"].update(num_layers=2)) != same
+
+
 def test_resume_after_sigkill_matches_uninterrupted_run(project: Path, tmp_path: Path) -> None:
     kw = dict(lm_steps=2, dm_steps=10, checkpoint_interval=2, eval_per_tag=1, eval_lm_per_task=1, ema_decay=0.9)
     ref_cfg = small_cfg(project, tmp_path / "ref", **kw)

@@ -83,6 +83,7 @@ class Sampling:
     max_new_tokens: int = 64
     batch_size: int = 16
     cfg_max_sigma: float = 1.0  # the checkpoint's t2i guidance interval (guidance at sigma <= this)
+    cfg_schedule: str = "constant"  # the checkpoint's t2i guidance weight over sigma (constant or linear)
     unconditional: str = "zeroed connector output (CFG null branch); editing: triple CFG with w_ref"
     noise: str = f"per-sample generator seeded with seed * {SEED_STRIDE} + sample index"
     decoding: str = "greedy (temperature 0)"
@@ -96,7 +97,8 @@ class Sampling:
         return cls(steps=int(steps or s.steps), cfg_scale=float(s.cfg_scale if cfg_scale is None else cfg_scale),
                    ref_cfg_scale=float(s.ref_cfg_scale if ref_cfg_scale is None else ref_cfg_scale),
                    seed=int(seed), resolution=int(model.config.resolution), max_new_tokens=int(max_new_tokens),
-                   batch_size=int(batch_size), cfg_max_sigma=float(s.cfg_max_sigma))
+                   batch_size=int(batch_size), cfg_max_sigma=float(s.cfg_max_sigma),
+                   cfg_schedule=str(s.cfg_schedule))
 
     def record(self) -> dict[str, Any]:
         return asdict(self)

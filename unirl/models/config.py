@@ -52,6 +52,9 @@ class ConnectorConfig:
     mlp_ratio: float = option(2.0, "SwiGLU hidden width as a multiple of the LM width")
 
 
+CFG_SCHEDULES: tuple[str, ...] = ("constant", "linear")
+
+
 @dataclasses.dataclass
 class SamplingConfig:
     steps: int = option(20, "Euler steps for image generation")
@@ -62,6 +65,17 @@ class SamplingConfig:
         1.0, "text-to-image guidance interval: CFG applies only at noise levels sigma <= this, above it the "
         "conditional velocity alone (Kynkaanniemi et al. 2024); 1.0 = every step. Editing's triple CFG always "
         "guides every step (on the tiny profile the interval lowered held-out edit correctness)")
+    cfg_schedule: str = option(
+        "constant", "text guidance weight over the noise level sigma (t2i and the text term of editing's triple "
+        "CFG; w_ref stays constant): 'constant' (w at every step) or 'linear' (w(sigma) = 1 + (w - 1)(1 - sigma): "
+        "no guidance at pure noise, where the number and place of objects are decided, rising to w at the clean "
+        "end; the linearly increasing schedule of Wang et al. 2024, 'Analysis of Classifier-Free Guidance Weight "
+        "Schedulers')")
+
+    def __post_init__(self) -> None:
+        if self.cfg_schedule not in CFG_SCHEDULES:
+            raise ValueError(f"sampling.cfg_schedule must be one of {', '.join(CFG_SCHEDULES)}, "
+                             f"got {self.cfg_schedule!r}")
 
 
 @dataclasses.dataclass

@@ -348,37 +348,51 @@ class UnifiedModel(nn.Module):
             self._ref_tokens = None
         return out
 
+    def text_guidance_weight(self, sigma: torch.Tensor, cfg_scale: float, edit: bool = False) -> torch.Tensor:
+        """Text CFG weight per sample (shape of ``sigma``) for the configured ``cfg_schedule``.
+
+        constant: ``cfg_scale``; linear: ``1 + (cfg_scale - 1)(1 - sigma)``. Text-to-image only (``edit`` False):
+        1 above the guidance interval ``cfg_max_sigma``.
+        """
+        s = self.config.sampling
+        sig = sigma.to(torch.float32)
+        w = 1.0 + (cfg_scale - 1.0) * (1.0 - sig) if s.cfg_schedule == "linear" else torch.full_like(sig, cfg_scale)
+        return w if edit else torch.where(sig <= s.cfg_max_sigma, w, torch.ones_like(w))
+
     def guided_velocity(self, latents: torch.Tensor, sigma: torch.Tensor, cond: Conditioning,
                         ref_latents: torch.Tensor | None = None, cfg_scale: float = 1.0,
                         ref_cfg_scale: float = 1.0) -> torch.Tensor:
         """CFG-combined velocity in one batched DiT pass (rollout and RL loss must both use this).
 
         T2I: ``v_u + w (v_c - v_u)``; editing (``ref_latents`` given): the triple form with ``w_ref``.
-        T2I guidance interval (``config.sampling.cfg_max_sigma`` < 1): samples whose ``sigma`` (scalar or (B,))
-        lies above it get the conditional velocity alone, decided per sample, so a batched replay of transitions
-        from different steps computes what the rollout did; the unconditional pass runs only on the samples inside
-        (none: skipped). Editing guides at every step.
+        The text weight ``w`` is per sample, from its ``sigma`` (scalar or (B,)): :meth:`text_guidance_weight`
+        (the schedule ``config.sampling.cfg_schedule``, both forms; for T2I also the guidance interval
+        ``cfg_max_sigma``), so a batched replay of transitions from different steps computes what the rollout did.
+        T2I samples whose weight is 1 get the conditional velocity alone, and the unconditional pass runs only on
+        the others (none: skipped). ``w_ref`` is constant.
         """
         B = latents.shape[0]
         sigma = sigma.expand(B)
         if ref_latents is None:
-            guided = sigma <= self.config.sampling.cfg_max_sigma  # (B,) bool
-            if cfg_scale == 1.0 or not bool(guided.any()):
+            w = self.text_guidance_weight(sigma, cfg_scale)  # (B,)
+            guided = w != 1.0  # (B,) bool
+            if not bool(guided.any()):
                 return self.velocity(latents, sigma, cond)
             if bool(guided.all()):
                 both = Conditioning.cat([cond.zeroed(), cond])
                 v_u, v_c = self.velocity(latents.repeat(2, 1, 1, 1), sigma.repeat(2), both).chunk(2)
-                return v_u + cfg_scale * (v_c - v_u)
-            g = guided.nonzero().squeeze(1)  # (Bg,) the samples inside the interval
+                return v_u + w.to(v_c.dtype).view(B, 1, 1, 1) * (v_c - v_u)
+            g = guided.nonzero().squeeze(1)  # (Bg,) the guided samples
             v_c = self.velocity(latents, sigma, cond)  # (B, C, H, W)
             v_u = self.velocity(latents[g], sigma[g], cond.index(g).zeroed())  # (Bg, C, H, W)
-            return v_c.index_copy(0, g, v_u + cfg_scale * (v_c[g] - v_u))
+            return v_c.index_copy(0, g, v_u + w[g].to(v_c.dtype).view(-1, 1, 1, 1) * (v_c[g] - v_u))
         if cfg_scale == 1.0 and ref_cfg_scale == 1.0:
             return self.velocity(latents, sigma, cond, ref_latents)
         three = Conditioning.cat([cond.zeroed(), cond.zeroed(), cond])
         refs = torch.cat([torch.zeros_like(ref_latents), ref_latents, ref_latents])
         v_null, v_ref, v_txt = self.velocity(latents.repeat(3, 1, 1, 1), sigma.repeat(3), three, refs).chunk(3)
-        return v_null + ref_cfg_scale * (v_ref - v_null) + cfg_scale * (v_txt - v_ref)
+        w = self.text_guidance_weight(sigma, cfg_scale, edit=True).to(v_txt.dtype).view(B, 1, 1, 1)
+        return v_null + ref_cfg_scale * (v_ref - v_null) + w * (v_txt - v_ref)
 
     @staticmethod
     def noise_reference(ref_latents: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -124,7 +124,8 @@ class SFTConfig:
     eval_per_tag: int = option(48, "held-out t2i test prompts per tag in the final evaluation")
     eval_lm_per_task: int = option(40, "held-out prompts per LM task in the final format check")
     eval_steps: int = option(20, "Euler steps of evaluation sampling")
-    eval_cfg: float = option(4.0, "CFG scale of evaluation sampling")
+    eval_cfg: float | None = option(None, "CFG scale of evaluation sampling; null = the profile's sampling.cfg_scale "
+                                          "(with its cfg_schedule either way)")
     eval_seed: int = option(1234, "seed of evaluation sampling (fixed: evaluations are comparable)")
     eval_max_new_tokens: int = option(64, "token limit of the greedy LM completions in the format check")
     # --- tracking ---
@@ -207,8 +208,13 @@ _RESUMABLE_CHANGES = {"out_dir", "run_dir", "resume_from", "metrics_path", "loss
 
 
 def training_signature(cfg: SFTConfig) -> dict[str, Any]:
-    """The config fields a checkpoint must agree on to be resumed (stored in each checkpoint's ``extra``)."""
-    return {k: v for k, v in to_dict(cfg).items() if k not in _RESUMABLE_CHANGES and not k.startswith("eval_")}
+    """The config fields a checkpoint must agree on to be resumed (stored in each checkpoint's ``extra``), and the
+    profile's architecture (``configs/<profile>.yaml`` without ``sampling``, which training never reads: a new
+    sampling default re-evaluates the finished run instead of training it again)."""
+    sig = {k: v for k, v in to_dict(cfg).items() if k not in _RESUMABLE_CHANGES and not k.startswith("eval_")}
+    arch = to_dict(load_model_config(cfg.profile))
+    arch.pop("sampling", None)
+    return {**sig, "model_architecture": arch}
 
 
 def resolve_run_dir(cfg: SFTConfig) -> SFTConfig:
@@ -411,10 +417,14 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
         tracker.finish(status)
 
 
+def _eval_cfg(model: UnifiedModel, cfg: SFTConfig) -> float:
+    return model.config.sampling.cfg_scale if cfg.eval_cfg is None else cfg.eval_cfg
+
+
 def _log_grid(model: UnifiedModel, items: list[dict], cfg: SFTConfig, tracker: Any, step: int) -> Any:
     was = model.training
     model.eval()
-    ims = D.generate_heldout(model, items, cfg.eval_steps, cfg.eval_cfg, cfg.eval_seed)
+    ims = D.generate_heldout(model, items, cfg.eval_steps, _eval_cfg(model, cfg), cfg.eval_seed)
     model.train(was)
     grid = make_grid(ims, [r["prompt"] for r in items], cols=8)
     tracker.log_image(grid, "samples", step)
@@ -446,7 +456,7 @@ def _finish(model: UnifiedModel, cfg: SFTConfig, tracker: Any, losses: _LossLog,
         model.set_trainable("none")
         model.save_pretrained(cfg.out_dir)
         t0 = time.time()
-        geneval, images = D.evaluate_t2i(model, heldout, cfg.eval_steps, cfg.eval_cfg, cfg.eval_seed)
+        geneval, images = D.evaluate_t2i(model, heldout, cfg.eval_steps, _eval_cfg(model, cfg), cfg.eval_seed)
         lm_heldout = D.load_lm_data(cfg.shards_dir, list(cfg.lm_task_weights), "test", cfg.max_bad_fraction,
                                     model.config.resolution)
         fmt = D.evaluate_lm_format(model, lm_heldout, cfg.eval_lm_per_task, cfg.eval_max_new_tokens)
