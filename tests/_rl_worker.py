@@ -86,6 +86,9 @@ def rl_config(root: Path, scenario: str, tag: str, **kw) -> RLConfig:
         steps=2, prompts_per_step=2, group_size=2, sde_steps=3, sde_window_size=2, noise_level=0.7,
         eval_prompts=2, eval_batch_size=4, grid_prompts=2, tracking=False, progress=False, rewards=REWARDS[scenario],
         lr_dm=1e-3, beta_dm=0.01, engine=EngineConfig(grad_clip=1.0),
+        # one thread in and out of the test process, so that runs compared bit for bit (resume, DeepSpeed) do
+        # the same arithmetic: GEMM results may depend on the thread count for some shapes
+        torch_threads=1,
     )
     base.update(kw)
     return RLConfig(**base)
