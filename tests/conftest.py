@@ -31,6 +31,19 @@ def small_params(tmp: Path, per_tag: int = 12) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def _restore_deepspeed_patches():
+    """Undo what an in-process DeepSpeed ZeRO-3 engine patches into torch for good (``torch.nn.functional.linear``,
+    ``torch.manual_seed``), so that later tests in this process compute as a fresh process does: runs compared bit
+    for bit against a subprocess (resume, DeepSpeed vs plain torch) rely on it."""
+    import torch
+    import torch.nn.functional as F
+
+    linear, manual_seed = F.linear, torch.manual_seed
+    yield
+    F.linear, torch.manual_seed = linear, manual_seed
+
+
 @pytest.fixture
 def params_file(tmp_path: Path) -> Path:
     return small_params(tmp_path)
