@@ -100,10 +100,8 @@ def diffusers_sample(pipe, model, cond, steps: int, cfg: float, latents: torch.T
 def bench_rollout(model, prompts: list[dict], G: int, steps: int, cfg: float, repeats: int) -> dict:
     texts = [p["prompt"] for p in prompts]
     sampling = DMSampling(steps=steps, noise_level=0.7, cfg_scale=cfg, window_size=steps)
-    s = model.config.sampling
-    interval, schedule = s.cfg_max_sigma, s.cfg_schedule
-    s.cfg_max_sigma, s.cfg_schedule = 1.0, "constant"  # SanaPipeline guides every step with one weight: compare
-    #                                                     the same computation
+    saved = model.config.sampling  # SanaPipeline guides every step with one weight: compare the same computation
+    model.config.sampling = dataclasses.replace(saved, cfg_max_sigma=1.0, cfg_schedule="constant")
     pipe = sana_pipeline(model)
     B = len(texts) * G
     latents = torch.randn((B, *model.latent_shape), generator=torch.Generator().manual_seed(0))  # (B, C, H, W)
@@ -125,7 +123,7 @@ def bench_rollout(model, prompts: list[dict], G: int, steps: int, cfg: float, re
 
     t_ours, _ = timed(ours, repeats)
     t_theirs, _ = timed(theirs, repeats)
-    s.cfg_max_sigma, s.cfg_schedule = interval, schedule
+    model.config.sampling = saved
     return {"ours_s": t_ours, "diffusers_s": t_theirs, "ratio": t_ours / t_theirs, "batch": B, "steps": steps,
             "ode_max_abs_diff_vs_diffusers": same}
 

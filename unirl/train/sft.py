@@ -417,14 +417,10 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
         tracker.finish(status)
 
 
-def _eval_cfg(model: UnifiedModel, cfg: SFTConfig) -> float:
-    return model.config.sampling.cfg_scale if cfg.eval_cfg is None else cfg.eval_cfg
-
-
 def _log_grid(model: UnifiedModel, items: list[dict], cfg: SFTConfig, tracker: Any, step: int) -> Any:
     was = model.training
     model.eval()
-    ims = D.generate_heldout(model, items, cfg.eval_steps, _eval_cfg(model, cfg), cfg.eval_seed)
+    ims = D.generate_heldout(model, items, cfg.eval_steps, cfg.eval_cfg, cfg.eval_seed)
     model.train(was)
     grid = make_grid(ims, [r["prompt"] for r in items], cols=8)
     tracker.log_image(grid, "samples", step)
@@ -456,7 +452,7 @@ def _finish(model: UnifiedModel, cfg: SFTConfig, tracker: Any, losses: _LossLog,
         model.set_trainable("none")
         model.save_pretrained(cfg.out_dir)
         t0 = time.time()
-        geneval, images = D.evaluate_t2i(model, heldout, cfg.eval_steps, _eval_cfg(model, cfg), cfg.eval_seed)
+        geneval, images = D.evaluate_t2i(model, heldout, cfg.eval_steps, cfg.eval_cfg, cfg.eval_seed)
         lm_heldout = D.load_lm_data(cfg.shards_dir, list(cfg.lm_task_weights), "test", cfg.max_bad_fraction,
                                     model.config.resolution)
         fmt = D.evaluate_lm_format(model, lm_heldout, cfg.eval_lm_per_task, cfg.eval_max_new_tokens)

@@ -187,9 +187,10 @@ def heldout_t2i(shards_dir: str | Path, per_tag: int, max_bad_fraction: float, r
 
 
 @torch.no_grad()
-def generate_heldout(model: UnifiedModel, items: Sequence[dict], steps: int, cfg_scale: float, seed: int,
+def generate_heldout(model: UnifiedModel, items: Sequence[dict], steps: int, cfg_scale: float | None, seed: int,
                      batch_size: int = 64) -> list[Image.Image]:
-    """Images for ``items`` with fixed seeds (chunk k uses ``seed + k``), so every evaluation is comparable."""
+    """Images for ``items`` with fixed seeds (chunk k uses ``seed + k``), so every evaluation is comparable;
+    ``cfg_scale`` None: the model's ``sampling.cfg_scale``."""
     images: list[Image.Image] = []
     for k, i in enumerate(range(0, len(items), batch_size)):
         chunk = items[i:i + batch_size]
@@ -198,7 +199,7 @@ def generate_heldout(model: UnifiedModel, items: Sequence[dict], steps: int, cfg
     return images
 
 
-def evaluate_t2i(model: UnifiedModel, items: Sequence[dict], steps: int, cfg_scale: float, seed: int,
+def evaluate_t2i(model: UnifiedModel, items: Sequence[dict], steps: int, cfg_scale: float | None, seed: int,
                  batch_size: int = 64) -> tuple[dict[str, Any], list[Image.Image]]:
     """GenEval-style scores per tag (``correct`` and partial ``score``) and their means; returns the images too."""
     images = generate_heldout(model, items, steps, cfg_scale, seed, batch_size)
