@@ -90,11 +90,14 @@ def sana_pipeline(model):
 def diffusers_sample(pipe, model, cond, steps: int, cfg: float, latents: torch.Tensor) -> torch.Tensor:
     side = model.latent_shape[-1]
     unshifted = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)[:-1].tolist()  # our grid before the shift
-    return pipe(prompt_embeds=cond.hidden, prompt_attention_mask=cond.mask, negative_prompt=None,
-                negative_prompt_embeds=cond.zeroed().hidden, negative_prompt_attention_mask=cond.mask,
-                guidance_scale=cfg, sigmas=unshifted,
-                num_inference_steps=steps, height=32 * side, width=32 * side, latents=latents.clone(),
-                output_type="latent", use_resolution_binning=False, return_dict=False)[0]
+    # Our T2I DiT calls carry the zero-reference tokens (a learned constant after SFT, see UnifiedModel.reference);
+    # the pipeline calls model.dit directly, so add them there too: both then sample the same model.
+    with torch.no_grad(), model.reference(torch.zeros((1, *model.latent_shape))):
+        return pipe(prompt_embeds=cond.hidden, prompt_attention_mask=cond.mask, negative_prompt=None,
+                    negative_prompt_embeds=cond.zeroed().hidden, negative_prompt_attention_mask=cond.mask,
+                    guidance_scale=cfg, sigmas=unshifted,
+                    num_inference_steps=steps, height=32 * side, width=32 * side, latents=latents.clone(),
+                    output_type="latent", use_resolution_binning=False, return_dict=False)[0]
 
 
 def bench_rollout(model, prompts: list[dict], G: int, steps: int, cfg: float, repeats: int) -> dict:
@@ -110,7 +113,7 @@ def bench_rollout(model, prompts: list[dict], G: int, steps: int, cfg: float, re
         ours_ode = sample_ode(model, [t for t in texts for _ in range(G)], None, "t2i", list(range(B)), sampling)
         x0 = torch.stack([torch.randn(model.latent_shape, generator=torch.Generator().manual_seed(i))
                           for i in range(B)])  # the noise sample_ode drew
-        theirs_ode = diffusers_sample(pipe, model, cond, steps, cfg, x0)
+        theirs_ode = diffusers_sample(pipe, model, cond, steps, cfg, x0)  # see diffusers_sample: same DiT input
     same = float((ours_ode - theirs_ode).abs().max())
 
     def ours():

@@ -4,13 +4,14 @@ batched replay = per-step loop, stored log-probs = an independent Gaussian densi
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
 from _rl_worker import check_rollout_log_probs_against_gaussian, grad_components, rl_config, small_model, write_data
 
-from unirl.rl.dm_policy import DMSampling, dm_rollout, replay, replay_step, sample_ode
+from unirl.rl.dm_policy import DMSampling, dm_rollout, replay, replay_step, sample_ode, seeded_noise
 from unirl.rl.prompts import load_prompts
 from unirl.rl.scenario import get_scenario
 
@@ -160,6 +161,34 @@ def test_rollout_and_eval_sampling_are_seeded(env):
     both = sample_ode(model, [texts[0], prompts["t2i"][1]["prompt"]], None, "t2i", [5, 6], sampling)
     alone = sample_ode(model, texts, None, "t2i", [5], sampling)
     torch.testing.assert_close(both[:1], alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+def test_ode_sampling_matches_diffusers_sana_pipeline(env, cfg_scale):
+    """Evaluation sampling = diffusers' ``SanaPipeline`` on the same DiT: same shifted sigmas, CFG against the zeroed
+    connector output, same noise; the pipeline's DiT calls carry the T2I zero-reference tokens, as ours do."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SanaPipeline
+
+    root, base, prompts = env
+    model = copy.deepcopy(base).eval()
+    model.config.sampling = dataclasses.replace(model.config.sampling, cfg_max_sigma=1.0, cfg_schedule="constant")
+    texts, steps = [p["prompt"] for p in prompts["t2i"][:2]], 3
+    sampling = DMSampling(steps=steps, cfg_scale=cfg_scale, window_size=steps)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=model.config.sampling.shift)
+    pipe = SanaPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=model.dit, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        ours = sample_ode(model, texts, None, "t2i", [3, 4], sampling)  # (2, C, H, W)
+        cond = model.encode(texts, None, "t2i")  # (2, N, D)
+        assert model.ref_proj(model.ref_patch_embed(torch.zeros((1, *model.latent_shape)))).abs().max() > 0
+        with model.reference(torch.zeros((1, *model.latent_shape))):
+            theirs = pipe(prompt_embeds=cond.hidden, prompt_attention_mask=cond.mask, negative_prompt=None,
+                          negative_prompt_embeds=cond.zeroed().hidden, negative_prompt_attention_mask=cond.mask,
+                          guidance_scale=cfg_scale, sigmas=torch.linspace(1.0, 0.0, steps + 1)[:-1].tolist(),
+                          num_inference_steps=steps, height=32 * model.latent_shape[-1],
+                          width=32 * model.latent_shape[-1], latents=seeded_noise(model.latent_shape, [3, 4]),
+                          output_type="latent", use_resolution_binning=False, return_dict=False)[0]
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
 def test_steps_before_the_window_are_plain_ode_steps(env):

@@ -25,8 +25,9 @@ Architecture (UniRL-Zero / BLIP3o-MetaQuery style, as the paper's code):
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -338,15 +339,20 @@ class UnifiedModel(nn.Module):
         """DiT velocity ``v(x_sigma) ~ eps - x0`` (B, C, H, W); ``ref_latents`` None means zero reference."""
         dtype = self.dit.dtype
         x = latents.to(dtype)
-        ref = torch.zeros_like(x) if ref_latents is None else ref_latents.to(dtype)
-        self._ref_tokens = self.ref_proj(self.ref_patch_embed(ref))  # (B, L, inner)
+        with self.reference(torch.zeros_like(x) if ref_latents is None else ref_latents):
+            return self.dit(hidden_states=x, encoder_hidden_states=cond.hidden.to(dtype),
+                            timestep=self.scheduler.timestep(sigma.to(dtype).expand(x.shape[0])),
+                            encoder_attention_mask=cond.mask, return_dict=False)[0]
+
+    @contextlib.contextmanager
+    def reference(self, ref_latents: torch.Tensor) -> Iterator[None]:
+        """Add the reference tokens of ``ref_latents`` (B or 1, C, H, W) to the patch embedding of every DiT call
+        inside the block. T2I passes zeros: after SFT their tokens are a learned constant, part of the T2I model."""
+        self._ref_tokens = self.ref_proj(self.ref_patch_embed(ref_latents.to(self.dit.dtype)))  # (B, L, inner)
         try:
-            out = self.dit(hidden_states=x, encoder_hidden_states=cond.hidden.to(dtype),
-                           timestep=self.scheduler.timestep(sigma.to(dtype).expand(x.shape[0])),
-                           encoder_attention_mask=cond.mask, return_dict=False)[0]
+            yield
         finally:
             self._ref_tokens = None
-        return out
 
     def text_guidance_weight(self, sigma: torch.Tensor, cfg_scale: float, edit: bool = False) -> torch.Tensor:
         """Text CFG weight per sample (shape of ``sigma``) for the configured ``cfg_schedule``.
