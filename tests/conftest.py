@@ -33,15 +33,13 @@ def small_params(tmp: Path, per_tag: int = 12) -> Path:
 
 @pytest.fixture(autouse=True)
 def _restore_deepspeed_patches():
-    """Undo what an in-process DeepSpeed ZeRO-3 engine patches into torch for good (``torch.nn.functional.linear``,
-    ``torch.manual_seed``), so that later tests in this process compute as a fresh process does: runs compared bit
-    for bit against a subprocess (resume, DeepSpeed vs plain torch) rely on it."""
-    import torch
-    import torch.nn.functional as F
+    """Undo what an in-process DeepSpeed ZeRO-3 engine patches into torch for good, so that later tests in this
+    process compute as a fresh process does: runs compared bit for bit against a subprocess (resume, DeepSpeed vs
+    plain torch) rely on it."""
+    from unirl.train.engine import torch_globals_restored
 
-    linear, manual_seed = F.linear, torch.manual_seed
-    yield
-    F.linear, torch.manual_seed = linear, manual_seed
+    with torch_globals_restored():
+        yield
 
 
 @pytest.fixture

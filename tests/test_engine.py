@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from unirl.config import PROJECT_ROOT
 from unirl.train import EngineConfig, build_engine
 from unirl.train.deepspeed_engine import load_deepspeed_config
-from unirl.train.engine import lr_factor
+from unirl.train.engine import lr_factor, torch_globals_restored
 
 torch.set_num_threads(1)
 WORKER = Path(__file__).with_name("_dist_worker.py")
@@ -119,11 +119,16 @@ def test_deepspeed_matches_torch_backend(ds_config):
     ref_engine = build_engine(ref, toy_groups(ref), _cfg(grad_accum_steps=2))
     ref_norms = _train(ref_engine, 5, accum=2)
     model = toy_model()
-    engine = build_engine(
-        model, toy_groups(model), _cfg(backend="deepspeed", deepspeed_config=ds_config, grad_accum_steps=2)
-    )
-    assert type(engine).__name__ == "DeepSpeedEngine" and engine.zero_stage == int(ds_config[-1])
-    norms = _train(engine, 5, accum=2)
+    linear = torch.nn.functional.linear
+    with torch_globals_restored():
+        engine = build_engine(
+            model, toy_groups(model), _cfg(backend="deepspeed", deepspeed_config=ds_config, grad_accum_steps=2)
+        )
+        assert type(engine).__name__ == "DeepSpeedEngine" and engine.zero_stage == int(ds_config[-1])
+        norms = _train(engine, 5, accum=2)
+        patched = torch.nn.functional.linear is not linear
+    assert patched == (ds_config == "zero3")  # ZeRO-3 swaps F.linear for its own; the block puts torch's back
+    assert torch.nn.functional.linear is linear
     assert norms == pytest.approx(ref_norms, rel=1e-5)
     assert engine.lr() == pytest.approx(ref_engine.lr())
     state, ref_state = engine.model_state_dict(), ref_engine.model_state_dict()

@@ -188,7 +188,10 @@ def main(argv: list[str] | None = None) -> int:
                           *(["--scenario", scenario] if scenario else [])]
             cmd = _stage_relaunch(stage, args.params, None, scenario or None, stage_argv)
             if cmd is None:
-                run_stage(name, args.params)
+                from unirl.train.engine import torch_globals_restored
+
+                with torch_globals_restored():  # a ZeRO-3 stage must not change the math of the ones after it
+                    run_stage(name, args.params)
                 continue
             print("==> " + shlex.join(cmd), flush=True)
             if subprocess.run(cmd, env=_relaunch_env(), check=False).returncode != 0:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ from unirl.config import option
 from unirl.train.checkpoint import CheckpointError, check_key_sets
 from unirl.train.distributed import DistInfo, configure_deepspeed_env, default_device, init_distributed
 
-__all__ = ["Engine", "EngineConfig", "build_engine", "lr_factor"]
+__all__ = ["Engine", "EngineConfig", "build_engine", "lr_factor", "torch_globals_restored"]
 
 ENGINE_STATE_FORMAT = "unirl.engine/adamw-v1"
 _GROUP_KEYS = {"params", "lr", "name", "weight_decay"}
@@ -379,3 +380,18 @@ def build_engine(model: nn.Module, param_groups: list[dict], cfg: EngineConfig) 
         return DeepSpeedEngine(model, groups, cfg, info)
     info = init_distributed()
     return TorchEngine(model, groups, cfg, info)
+
+
+@contextlib.contextmanager
+def torch_globals_restored() -> Iterator[None]:
+    """Put back, when the block ends, what a DeepSpeed ZeRO-3 engine patches into torch for the rest of the process
+    (``torch.nn.functional.linear``, ``torch.manual_seed``). Wrap each stage of a multi-stage process in it
+    (``unirl pipeline``, the tests): the stages after a ZeRO-3 one then compute as a fresh process does.
+    """
+    import torch.nn.functional as F
+
+    linear, manual_seed = F.linear, torch.manual_seed
+    try:
+        yield
+    finally:
+        F.linear, torch.manual_seed = linear, manual_seed
