@@ -181,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     retain_freed_memory()  # large CPU tensors reuse the heap instead of faulting in fresh pages each step
     if args.command == "pipeline":
+        from unirl.train.engine import torch_globals_restored
+
         for name in PIPELINE:
             stage, _, scenario = name.partition(":")
             print(f"==> unirl {stage}" + (f" --scenario {scenario}" if scenario else ""), flush=True)
@@ -188,8 +190,6 @@ def main(argv: list[str] | None = None) -> int:
                           *(["--scenario", scenario] if scenario else [])]
             cmd = _stage_relaunch(stage, args.params, None, scenario or None, stage_argv)
             if cmd is None:
-                from unirl.train.engine import torch_globals_restored
-
                 with torch_globals_restored():  # a ZeRO-3 stage must not change the math of the ones after it
                     run_stage(name, args.params)
                 continue
