@@ -26,6 +26,7 @@ The last printed line is one JSON object with ``rollout_vs_diffusers`` (time rat
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -41,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from unirl.hostmem import retain_freed_memory  # noqa: E402
-from unirl.rl.dm_policy import DMSampling, dm_loss, dm_rollout, replay_step, sample_ode  # noqa: E402
+from unirl.rl.dm_policy import DMSampling, dm_loss, dm_rollout, replay_step, sample_ode, seeded_noise  # noqa: E402
 from unirl.rl.flow_sde import dm_grpo_loss  # noqa: E402
 
 
@@ -100,21 +101,24 @@ def diffusers_sample(pipe, model, cond, steps: int, cfg: float, latents: torch.T
                     output_type="latent", use_resolution_binning=False, return_dict=False)[0]
 
 
+@contextlib.contextmanager
+def pipeline_guidance(model):
+    """``SanaPipeline`` guides every step with one weight: give the model that guidance (constant, no interval) inside
+    the block, so that both sides compute the same thing."""
+    saved = model.config.sampling
+    model.config.sampling = dataclasses.replace(saved, cfg_max_sigma=1.0, cfg_schedule="constant")
+    try:
+        yield
+    finally:
+        model.config.sampling = saved
+
+
 def bench_rollout(model, prompts: list[dict], G: int, steps: int, cfg: float, repeats: int) -> dict:
     texts = [p["prompt"] for p in prompts]
     sampling = DMSampling(steps=steps, noise_level=0.7, cfg_scale=cfg, window_size=steps)
-    saved = model.config.sampling  # SanaPipeline guides every step with one weight: compare the same computation
-    model.config.sampling = dataclasses.replace(saved, cfg_max_sigma=1.0, cfg_schedule="constant")
     pipe = sana_pipeline(model)
     B = len(texts) * G
     latents = torch.randn((B, *model.latent_shape), generator=torch.Generator().manual_seed(0))  # (B, C, H, W)
-    with torch.no_grad():
-        cond = model.encode(texts, None, "t2i").repeat_interleave(G)  # (B, N, D)
-        ours_ode = sample_ode(model, [t for t in texts for _ in range(G)], None, "t2i", list(range(B)), sampling)
-        x0 = torch.stack([torch.randn(model.latent_shape, generator=torch.Generator().manual_seed(i))
-                          for i in range(B)])  # the noise sample_ode drew
-        theirs_ode = diffusers_sample(pipe, model, cond, steps, cfg, x0)  # see diffusers_sample: same DiT input
-    same = float((ours_ode - theirs_ode).abs().max())
 
     def ours():
         return dm_rollout(model, texts, None, "t2i", G, sampling, torch.Generator().manual_seed(1))
@@ -124,9 +128,14 @@ def bench_rollout(model, prompts: list[dict], G: int, steps: int, cfg: float, re
             c = model.encode(texts, None, "t2i").repeat_interleave(G)  # conditioning, as ours does
             return diffusers_sample(pipe, model, c, steps, cfg, latents)
 
-    t_ours, _ = timed(ours, repeats)
-    t_theirs, _ = timed(theirs, repeats)
-    model.config.sampling = saved
+    with pipeline_guidance(model):
+        with torch.no_grad():
+            cond = model.encode(texts, None, "t2i").repeat_interleave(G)  # (B, N, D)
+            ours_ode = sample_ode(model, [t for t in texts for _ in range(G)], None, "t2i", list(range(B)), sampling)
+            theirs_ode = diffusers_sample(pipe, model, cond, steps, cfg, seeded_noise(model.latent_shape, range(B)))
+        same = float((ours_ode - theirs_ode).abs().max())
+        t_ours, _ = timed(ours, repeats)
+        t_theirs, _ = timed(theirs, repeats)
     return {"ours_s": t_ours, "diffusers_s": t_theirs, "ratio": t_ours / t_theirs, "batch": B, "steps": steps,
             "ode_max_abs_diff_vs_diffusers": same}
 

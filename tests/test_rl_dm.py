@@ -4,7 +4,6 @@ batched replay = per-step loop, stored log-probs = an independent Gaussian densi
 from __future__ import annotations
 
 import copy
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -164,30 +163,21 @@ def test_rollout_and_eval_sampling_are_seeded(env):
 
 
 @pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
-def test_ode_sampling_matches_diffusers_sana_pipeline(env, cfg_scale):
-    """Evaluation sampling = diffusers' ``SanaPipeline`` on the same DiT: same shifted sigmas, CFG against the zeroed
-    connector output, same noise; the pipeline's DiT calls carry the T2I zero-reference tokens, as ours do."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, SanaPipeline
-
+def test_ode_sampling_matches_diffusers_sana_pipeline(env, cfg_scale, load_bench):
+    """Evaluation sampling = diffusers' ``SanaPipeline`` on the same DiT (``bench/dm_rl.py``'s comparison): same
+    shifted sigmas, CFG against the zeroed connector output, same noise; the pipeline's DiT calls carry the T2I
+    zero-reference tokens, as ours do."""
+    bench = load_bench("dm_rl")
     root, base, prompts = env
     model = copy.deepcopy(base).eval()
-    model.config.sampling = dataclasses.replace(model.config.sampling, cfg_max_sigma=1.0, cfg_schedule="constant")
     texts, steps = [p["prompt"] for p in prompts["t2i"][:2]], 3
     sampling = DMSampling(steps=steps, cfg_scale=cfg_scale, window_size=steps)
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=model.config.sampling.shift)
-    pipe = SanaPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=model.dit, scheduler=scheduler)
-    pipe.set_progress_bar_config(disable=True)
-    with torch.no_grad():
+    with torch.no_grad(), bench.pipeline_guidance(model):
         ours = sample_ode(model, texts, None, "t2i", [3, 4], sampling)  # (2, C, H, W)
         cond = model.encode(texts, None, "t2i")  # (2, N, D)
         assert model.ref_proj(model.ref_patch_embed(torch.zeros((1, *model.latent_shape)))).abs().max() > 0
-        with model.reference(torch.zeros((1, *model.latent_shape))):
-            theirs = pipe(prompt_embeds=cond.hidden, prompt_attention_mask=cond.mask, negative_prompt=None,
-                          negative_prompt_embeds=cond.zeroed().hidden, negative_prompt_attention_mask=cond.mask,
-                          guidance_scale=cfg_scale, sigmas=torch.linspace(1.0, 0.0, steps + 1)[:-1].tolist(),
-                          num_inference_steps=steps, height=32 * model.latent_shape[-1],
-                          width=32 * model.latent_shape[-1], latents=seeded_noise(model.latent_shape, [3, 4]),
-                          output_type="latent", use_resolution_binning=False, return_dict=False)[0]
+        theirs = bench.diffusers_sample(bench.sana_pipeline(model), model, cond, steps, cfg_scale,
+                                        seeded_noise(model.latent_shape, [3, 4]))
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 

@@ -181,7 +181,6 @@ def _env() -> dict[str, str]:
     return dict(base, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
 
 
-@pytest.mark.slow
 def test_run_directory_follows_the_architecture_not_the_sampling_settings(tmp_path: Path) -> None:
     tiny = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
 
@@ -199,6 +198,7 @@ def test_run_directory_follows_the_architecture_not_the_sampling_settings(tmp_pa
     assert run_dir(lambda p: p["dit"]["config"].update(num_layers=2)) != same
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_matches_uninterrupted_run(project: Path, tmp_path: Path) -> None:
     kw = dict(lm_steps=2, dm_steps=10, checkpoint_interval=2, eval_per_tag=1, eval_lm_per_task=1, ema_decay=0.9)
     ref_cfg = small_cfg(project, tmp_path / "ref", **kw)

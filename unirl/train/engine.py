@@ -388,10 +388,8 @@ def torch_globals_restored() -> Iterator[None]:
     (``torch.nn.functional.linear``, ``torch.manual_seed``). Wrap each stage of a multi-stage process in it
     (``unirl pipeline``, the tests): the stages after a ZeRO-3 one then compute as a fresh process does.
     """
-    import torch.nn.functional as F
-
-    linear, manual_seed = F.linear, torch.manual_seed
+    linear, manual_seed = torch.nn.functional.linear, torch.manual_seed
     try:
         yield
     finally:
-        F.linear, torch.manual_seed = linear, manual_seed
+        torch.nn.functional.linear, torch.manual_seed = linear, manual_seed
