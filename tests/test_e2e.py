@@ -71,6 +71,23 @@ def test_dvc_repro_runs_the_whole_pipeline_then_nothing(tmp_path):
 
 
 @pytest.mark.slow
+def test_unirl_pipeline_runs_every_stage_in_order(tmp_path):
+    """`unirl pipeline` (no DVC): each stage once, in order; `sft` relaunches itself under torchrun (2 processes)."""
+    from unirl.cli import PIPELINE
+
+    params = micro_params(tmp_path)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    out = _run([sys.executable, "-m", "unirl.cli", "--params", str(params), "pipeline"], tmp_path, env)
+    banners = [line for line in out.splitlines() if line.startswith("==> unirl ")]
+    expected = [f"==> unirl {s.partition(':')[0]}" + (f" --scenario {s[3:]}" if s.startswith("rl:") else "")
+                for s in PIPELINE]
+    assert banners == expected
+    relaunches = [line for line in out.splitlines() if line.startswith("==> ") and "torch.distributed.run" in line]
+    assert len(relaunches) == 1 and "--nproc_per_node 2" in relaunches[0] and relaunches[0].endswith(" sft")
+    _check_outputs(tmp_path)
+
+
+@pytest.mark.slow
 def test_every_dagster_asset_materialises_in_process(tmp_path, monkeypatch):
     import dagster as dg
 
