@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -30,6 +31,30 @@ def test_curate_one_task_from_the_shell(params_file, tmp_path):
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(summary["t2i"]) == {"train", "val", "test"}
     assert (tmp_path / "data/shards/t2i/manifest.json").exists()
+
+
+def test_an_in_process_one_process_group_does_not_stop_a_later_relaunch():
+    """An in-process DeepSpeed stage exports WORLD_SIZE=1 for its own group; a later stage of the same process
+    (`unirl pipeline`) must still relaunch under torchrun, and its ranks must not inherit those variables."""
+    from unirl.train.distributed import LAUNCH_ENV
+
+    code = ("import json, os; from unirl.train.distributed import init_distributed; "
+            "from unirl.cli import relaunch_command, _relaunch_env; from unirl.train.sft import SFTConfig; "
+            "init_distributed(require_group=True); "
+            "cmd = relaunch_command(SFTConfig(processes=2), ['sft']); "
+            "print(json.dumps([os.environ['WORLD_SIZE'], cmd is not None, "
+            "sorted(set(_relaunch_env()) & {'RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_PORT'})]))")
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == ["1", True, []]
+
+
+def test_cli_names_the_scenarios_the_rl_engine_registers():
+    from unirl.cli import SCENARIOS
+    from unirl.rl.scenario import SCENARIOS as ENGINE_SCENARIOS
+
+    assert SCENARIOS == ENGINE_SCENARIOS
 
 
 def test_unknown_override_names_the_key(params_file):

@@ -35,6 +35,8 @@ import yaml
 from unirl.config import config_help, load_config
 from unirl.hostmem import retain_freed_memory
 
+# The scenarios of unirl.rl.scenario, named here so that parsing a command imports no torch (tests/test_cli.py checks
+# that the two agree).
 SCENARIOS: tuple[str, ...] = ("understand", "t2i", "t2i_cot", "edit", "prompt_refine", "reflect")
 
 
@@ -154,10 +156,12 @@ def relaunch_command(cfg: Any, argv: list[str]) -> list[str] | None:
     None when the stage has no ``processes`` field, asks for one process, or already runs under a launcher
     (``torchrun``/``deepspeed`` export ``WORLD_SIZE``; their world size then applies).
     """
+    from unirl.train.distributed import under_launcher
+
     n = int(getattr(cfg, "processes", 1))
     if n < 1:
         raise SystemExit(f"processes must be >= 1, got {n}")
-    if n == 1 or "WORLD_SIZE" in os.environ:
+    if n == 1 or under_launcher():
         return None
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
             "-m", "unirl.cli", *argv]
@@ -172,8 +176,12 @@ def _stage_relaunch(stage: str, params: str | None, overrides: dict[str, Any] | 
 
 
 def _relaunch_env() -> dict[str, str]:
-    """The environment of a relaunch: each rank sets its intra-op threads from the stage's ``torch_threads``."""
-    return {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    """The environment of a relaunch: each rank sets its intra-op threads from the stage's ``torch_threads``;
+    no 1-process group's variables (an earlier in-process stage's), so that torchrun's own reach the ranks."""
+    from unirl.train.distributed import LAUNCH_ENV
+
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
+    return {**env, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -76,6 +76,20 @@ def default_device(info: DistInfo | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+# What torchrun and the deepspeed launcher export to each rank (and init_distributed fills in for a 1-process group).
+LAUNCH_ENV: tuple[str, ...] = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+_filled_launch_env = False  # True once init_distributed exported LAUNCH_ENV itself, for its own 1-process group
+
+
+def under_launcher() -> bool:
+    """Whether a launcher (torchrun, deepspeed) started this process, i.e. exported ``WORLD_SIZE``.
+
+    The variables :func:`init_distributed` fills in for a 1-process group (an in-process DeepSpeed stage) do not
+    count, so that a later stage of the same process (``unirl pipeline``) still relaunches itself when asked to.
+    """
+    return "WORLD_SIZE" in os.environ and not _filled_launch_env
+
+
 def dist_info() -> DistInfo:
     """The current process's position: from the live process group, else from the launcher's environment."""
     if dist.is_available() and dist.is_initialized():
@@ -103,6 +117,8 @@ def init_distributed(backend: str | None = None, require_group: bool = False) ->
     if world == 1 and not require_group:
         return dist_info()
     if world == 1:
+        global _filled_launch_env
+        _filled_launch_env = _filled_launch_env or "WORLD_SIZE" not in os.environ
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
