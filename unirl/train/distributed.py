@@ -78,7 +78,7 @@ def default_device(info: DistInfo | None = None) -> torch.device:
 
 # What torchrun and the deepspeed launcher export to each rank (and init_distributed fills in for a 1-process group).
 LAUNCH_ENV: tuple[str, ...] = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-_filled_launch_env = False  # True once init_distributed exported LAUNCH_ENV itself, for its own 1-process group
+_own_group_env: dict[str, str] = {}  # what init_distributed exported itself, for its own 1-process group
 
 
 def under_launcher() -> bool:
@@ -87,7 +87,8 @@ def under_launcher() -> bool:
     The variables :func:`init_distributed` fills in for a 1-process group (an in-process DeepSpeed stage) do not
     count, so that a later stage of the same process (``unirl pipeline``) still relaunches itself when asked to.
     """
-    return "WORLD_SIZE" in os.environ and not _filled_launch_env
+    own = bool(_own_group_env) and all(os.environ.get(k) == v for k, v in _own_group_env.items())  # still ours
+    return "WORLD_SIZE" in os.environ and not own
 
 
 def dist_info() -> DistInfo:
@@ -117,13 +118,14 @@ def init_distributed(backend: str | None = None, require_group: bool = False) ->
     if world == 1 and not require_group:
         return dist_info()
     if world == 1:
-        global _filled_launch_env
-        _filled_launch_env = _filled_launch_env or "WORLD_SIZE" not in os.environ
+        own = "WORLD_SIZE" not in os.environ
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        if own:  # remembered, so that under_launcher() can tell these from a launcher's
+            _own_group_env.update({k: os.environ[k] for k in ("WORLD_SIZE", "MASTER_PORT")})
     backend = backend or default_backend()
     info = dist_info()
     if backend == "nccl":
