@@ -26,5 +26,7 @@ class StageLauncher(dg.ConfigurableResource):
     def run(self, context: dg.AssetExecutionContext, stage: str, params_path: str, args: list[str] | None = None):
         cmd = self.command(stage, params_path, args)
         context.log.info("launching: %s", " ".join(cmd))
-        env = {**os.environ, **self.extra_env, "UNIRL_PARAMS": params_path}
+        from unirl.train.distributed import child_env  # torch: imported when a stage launches, not at load
+
+        env = {**child_env(), **self.extra_env, "UNIRL_PARAMS": params_path}
         return dg.PipesSubprocessClient(env=env, cwd=os.getcwd()).run(context=context, command=cmd)

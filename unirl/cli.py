@@ -177,11 +177,10 @@ def _stage_relaunch(stage: str, params: str | None, overrides: dict[str, Any] | 
 
 def _relaunch_env() -> dict[str, str]:
     """The environment of a relaunch: each rank sets its intra-op threads from the stage's ``torch_threads``;
-    no 1-process group's variables (an earlier in-process stage's), so that torchrun's own reach the ranks."""
-    from unirl.train.distributed import LAUNCH_ENV
+    without an earlier in-process stage's 1-process group variables (:func:`unirl.train.distributed.child_env`)."""
+    from unirl.train.distributed import child_env
 
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
-    return {**env, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    return {**child_env(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -91,6 +91,17 @@ def under_launcher() -> bool:
     return "WORLD_SIZE" in os.environ and not own
 
 
+def child_env() -> dict[str, str]:
+    """``os.environ`` for a child process (a ``torchrun`` relaunch, a stage that Dagster launches), without the
+    variables of this process's own 1-process group: a child that saw them would take itself for a launcher's rank
+    and skip its relaunch. A launcher's variables pass through unchanged."""
+    env = dict(os.environ)
+    if _own_group_env and not under_launcher():
+        for key in LAUNCH_ENV:
+            env.pop(key, None)
+    return env
+
+
 def dist_info() -> DistInfo:
     """The current process's position: from the live process group, else from the launcher's environment."""
     if dist.is_available() and dist.is_initialized():
