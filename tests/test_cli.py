@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -36,7 +35,7 @@ def test_curate_one_task_from_the_shell(params_file, tmp_path):
 def test_an_in_process_one_process_group_does_not_stop_a_later_relaunch():
     """An in-process DeepSpeed stage exports WORLD_SIZE=1 for its own group; a later stage of the same process
     (`unirl pipeline`) must still relaunch under torchrun, and its ranks must not inherit those variables."""
-    from unirl.train.distributed import LAUNCH_ENV
+    from unirl.train.distributed import child_env
 
     code = ("import json, os; from unirl.train.distributed import init_distributed; "
             "from unirl.cli import relaunch_command, _relaunch_env; from unirl.train.sft import SFTConfig; "
@@ -44,8 +43,7 @@ def test_an_in_process_one_process_group_does_not_stop_a_later_relaunch():
             "cmd = relaunch_command(SFTConfig(processes=2), ['sft']); "
             "print(json.dumps([os.environ['WORLD_SIZE'], cmd is not None, "
             "sorted(set(_relaunch_env()) & {'RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_PORT'})]))")
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == ["1", True, []]
 

@@ -17,15 +17,12 @@ import pytest
 import yaml
 from conftest import ROOT, micro_params
 
-from unirl.train.distributed import LAUNCH_ENV
+from unirl.train.distributed import child_env
 
 SCENARIOS = ("understand", "t2i", "t2i_cot", "edit", "prompt_refine", "reflect")
 
 
 def _run(cmd: list[str], cwd: Path, env: dict) -> str:
-    # As from a fresh shell: without the 1-process group variables an in-process DeepSpeed test of this pytest
-    # process exported (a child seeing WORLD_SIZE takes itself for a launcher's rank and would not relaunch `sft`).
-    env = {k: v for k, v in env.items() if k not in LAUNCH_ENV}
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return proc.stdout + proc.stderr
@@ -53,7 +50,9 @@ def test_dvc_repro_runs_the_whole_pipeline_then_nothing(tmp_path):
     shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
     params = micro_params(repo)
     bindir = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": bindir + os.pathsep + os.environ["PATH"], "UNIRL_PARAMS": str(params),
+    # child_env: without the 1-process group variables an in-process DeepSpeed test of this pytest process exported
+    # (a child seeing WORLD_SIZE takes itself for a launcher's rank and would not relaunch `sft`).
+    env = {**child_env(), "PATH": bindir + os.pathsep + os.environ["PATH"], "UNIRL_PARAMS": str(params),
            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
     _run(["git", "init", "-q"], repo, env)
     _run([f"{bindir}/dvc", "init", "-q"], repo, env)
@@ -79,7 +78,7 @@ def test_dvc_repro_runs_the_whole_pipeline_then_nothing(tmp_path):
 def test_unirl_pipeline_runs_every_stage_in_order(tmp_path):
     """`unirl pipeline` (no DVC): each stage once, in order; `sft` relaunches itself under torchrun (2 processes)."""
     params = micro_params(tmp_path)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    env = {**child_env(), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}  # as in the test above
     out = _run([sys.executable, "-m", "unirl.cli", "--params", str(params), "pipeline"], tmp_path, env)
     banners = [line for line in out.splitlines() if line.startswith("==> unirl ")]
     stages = ("curate", "validate", "tokenizer", "vae", "sft", *(f"rl --scenario {s}" for s in SCENARIOS), "eval",
