@@ -3,7 +3,7 @@
 Profiles whose ``vae`` is given by ``config`` (no pretrained ``path``) get their autoencoder here, before SFT; the
 DiT then denoises its latents instead of pixels. Why the tiny profile has one: in pixel space (32 px, patch 4) the
 tiny DiT did not learn the class of 6-10 px shapes within the SFT budget, even with oracle class labels
-(``bench/dit_shape_ceiling.py``); on this autoencoder's 8x8x8 latents the same DiT does (README, "Why the tiny
+(``bench/dit_shape_ceiling.py``); on this autoencoder's 8x8x8 latents the same DiT does (docs/results.md, "Why the tiny
 profile has a VAE").
 
 Variant, against DC-AE (Chen et al., 2024):
@@ -17,7 +17,7 @@ Variant, against DC-AE (Chen et al., 2024):
 * then a decoder-only phase (not in the paper): ``decoder_steps`` more steps with the encoder frozen (so the latent
   space and ``scaling_factor`` the DiT learns on are final after the first phase) and ``decoder_latent_noise``
   (0.6) x the latent std. Decoding the SFT model's own latents, this decoder raised held-out GenEval `correct` by
-  0.02-0.05 on val and test (0.1 as before: no change; 1.0: clean reconstructions start to blur; README, SFT);
+  0.02-0.05 on val and test (0.1 as before: no change; 1.0: clean reconstructions start to blur; docs/results.md, SFT);
 * after training, ``scaling_factor`` = 1 / std of the train latents (SANA's convention: the DiT sees
   ``latent * scaling_factor``).
 
