@@ -139,3 +139,20 @@ def test_run_promote_refuses_bad_results(tmp_path):
     (tmp_path / "r.json").write_text(json.dumps({"checkpoints": {}, "headline": {}, "settings": {}, "paths": {}}))
     with pytest.raises(ValueError, match="evaluated no checkpoint"):
         run_promote(PromoteConfig(results_path=str(tmp_path / "r.json")))
+
+
+def test_decide_min_improvement():
+    """A headline gain below ``min_improvement`` keeps the champion; exactly the margin is enough."""
+    champ = {"vqa/accuracy": 0.2833, "geneval/overall": 0.25}
+    ok, why = decide({"vqa/accuracy": 0.2917, "geneval/overall": 0.25}, champ, ["vqa/accuracy"], 0.05,
+                     min_improvement=0.02)
+    assert not ok
+    assert why == "headline vqa/accuracy did not beat the champion by 0.02: 0.2917 against 0.2833 (+0.0084)"
+    assert decide({"vqa/accuracy": 0.2917, "geneval/overall": 0.25}, champ, ["vqa/accuracy"], 0.05)[0]  # margin 0
+    assert decide({"a": 0.52}, {"a": 0.5}, ["a"], 0.05, min_improvement=0.02)[0]  # exactly the margin
+    # the margin never lets an equal or worse headline through, and a regression elsewhere still blocks
+    assert not decide({"a": 0.5}, {"a": 0.5}, ["a"], 0.05, min_improvement=0.0)[0]
+    ok, why = decide({"a": 0.6, "b": 0.3}, {"a": 0.5, "b": 0.5}, ["a"], 0.05, min_improvement=0.02)
+    assert not ok and "b regressed" in why
+    with pytest.raises(ValueError, match="min_improvement"):
+        decide({"a": 1.0}, {"a": 0.0}, ["a"], 0.05, min_improvement=-0.01)

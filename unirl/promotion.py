@@ -1,8 +1,9 @@
 """Registry promotion: every evaluated checkpoint becomes a version of ONE registered model; the aliases decide.
 
 Rule (:func:`decide`): the ``champion`` alias moves to a candidate only when each of its headline metrics is
-strictly above the champion's AND none of the guarded benchmark metrics (default: the results table's columns)
-falls more than ``tolerance`` (absolute) below the champion's; otherwise the candidate gets ``challenger``. With
+above the champion's by at least ``min_improvement`` (absolute; always strictly above) AND none of the guarded
+benchmark metrics (default: the results table's columns) falls more than ``tolerance`` (absolute) below the
+champion's; otherwise the candidate gets ``challenger``. With
 no champion yet, the first candidate becomes champion. Headline metrics of a candidate ``rl_<scenario>``: that
 scenario's headline from ``results.json``; of any other candidate (``sft``): every headline metric.
 
@@ -43,6 +44,8 @@ class PromoteConfig:
     results_path: str = option("data/eval/results.json", "The eval stage's results (metrics per checkpoint).")
     registered_model: str = option("unirl", "Name of the ONE registered model every checkpoint is a version of.")
     tolerance: float = option(0.05, "Largest allowed absolute drop of any other benchmark metric vs the champion.")
+    min_improvement: float = option(0.02, "Smallest absolute gain of each headline metric over the champion's "
+                                          "that moves the alias (0: any gain; tiny gains are evaluation noise).")
     guarded_metrics: list = option([], "Metrics that must not regress (empty: the results table's columns).")
     candidates: list = option([], "Checkpoint names in promotion order (empty: sft first, then the others).")
     experiment: str = option("promotion", "MLflow experiment of the run that logs the candidate models.")
@@ -57,6 +60,7 @@ def decide(
     headline_metrics: Iterable[str],
     tolerance: float,
     guarded: Iterable[str] | None = None,
+    min_improvement: float = 0.0,
 ) -> tuple[bool, str]:
     """Whether a candidate takes the champion alias, and why (see the module docstring).
 
@@ -68,9 +72,13 @@ def decide(
     True
     >>> decide({"a": 0.6, "b": 0.40}, {"a": 0.5, "b": 0.52}, ["a"], 0.05)
     (False, 'b regressed 0.5200 -> 0.4000 (-0.1200), beyond the tolerance 0.05')
+    >>> decide({"a": 0.51}, {"a": 0.5}, ["a"], 0.05, min_improvement=0.02)
+    (False, 'headline a did not beat the champion by 0.02: 0.5100 against 0.5000 (+0.0100)')
     """
     if tolerance < 0 or not math.isfinite(tolerance):
         raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance}")
+    if min_improvement < 0 or not math.isfinite(min_improvement):
+        raise ValueError(f"min_improvement must be a finite number >= 0, got {min_improvement}")
     if champion_metrics is None:
         return True, "first candidate: no champion yet"
     headline = list(dict.fromkeys(headline_metrics))
@@ -85,6 +93,13 @@ def decide(
     if not_better:
         return False, "; ".join(f"headline {m} did not beat the champion: {candidate_metrics[m]:.4f} <= "
                                 f"{champion_metrics[m]:.4f}" for m in not_better)
+    small = [m for m in headline
+             if float(candidate_metrics[m]) - float(champion_metrics[m]) < min_improvement - _EPS]
+    if small:
+        return False, "; ".join(
+            f"headline {m} did not beat the champion by {min_improvement:g}: {candidate_metrics[m]:.4f} against "
+            f"{champion_metrics[m]:.4f} ({float(candidate_metrics[m]) - float(champion_metrics[m]):+.4f})"
+            for m in small)
     names = sorted(set(candidate_metrics) & set(champion_metrics)) if guarded is None else list(guarded)
     regressions = []
     for m in names:
@@ -225,7 +240,7 @@ def run_promote(cfg: PromoteConfig) -> dict[str, Any]:
                 if champion is not None:
                     sha = champion.tags.get("checkpoint_sha256")
                     champ_metrics = current.get(sha) or json.loads(champion.tags.get("metrics") or "{}")
-                promote, reason = decide(metrics, champ_metrics, headline, cfg.tolerance, guarded)
+                promote, reason = decide(metrics, champ_metrics, headline, cfg.tolerance, guarded, cfg.min_improvement)
             alias = CHAMPION if promote else CHALLENGER
             client.set_registered_model_alias(name, alias, version.version)
             settings = {b: s["sampling"].get(cand) for b, s in results["settings"].get("benchmarks", {}).items()}

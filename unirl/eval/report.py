@@ -79,7 +79,7 @@ class EvalConfig:
         "shards' metadata of `split` are used.",
     )
     n_prompts: dict = option(
-        {"geneval": 12, "edit": 10, "cot": 6, "vqa": 30, "reflect": 8, "refine": 6},
+        {"geneval": 96, "edit": 60, "cot": 48, "vqa": 120, "reflect": 48, "refine": 48},
         "Prompts per benchmark, taken round-robin over tags (sorted tag names, file order within a tag).",
     )
     images_per_prompt: int = option(2, "GenEval images per prompt (GenEval itself uses 4).")
