@@ -156,12 +156,14 @@ def relaunch_command(cfg: Any, argv: list[str]) -> list[str] | None:
     None when the stage has no ``processes`` field, asks for one process, or already runs under a launcher
     (``torchrun``/``deepspeed`` export ``WORLD_SIZE``; their world size then applies).
     """
-    from unirl.train.distributed import under_launcher
-
     n = int(getattr(cfg, "processes", 1))
     if n < 1:
         raise SystemExit(f"processes must be >= 1, got {n}")
-    if n == 1 or under_launcher():
+    if n == 1:
+        return None
+    from unirl.train.distributed import under_launcher  # torch: only when a relaunch is in question
+
+    if under_launcher():
         return None
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
             "-m", "unirl.cli", *argv]

@@ -3,9 +3,9 @@
 Rule (:func:`decide`): the ``champion`` alias moves to a candidate only when each of its headline metrics is
 above the champion's by at least ``min_improvement`` (absolute; always strictly above) AND none of the guarded
 benchmark metrics (default: the results table's columns) falls more than ``tolerance`` (absolute) below the
-champion's; otherwise the candidate gets ``challenger``. With
-no champion yet, the first candidate becomes champion. Headline metrics of a candidate ``rl_<scenario>``: that
-scenario's headline from ``results.json``; of any other candidate (``sft``): every headline metric.
+champion's; otherwise the candidate gets ``challenger``. With no champion yet, the first candidate becomes champion.
+Headline metrics of a candidate ``rl_<scenario>``: that scenario's headline from ``results.json``; of any other
+candidate (``sft``): every headline metric.
 
 :func:`run_promote` reads ``results.json`` (written by :mod:`unirl.eval.report`), takes the candidates in order
 (``sft`` first, then the RL checkpoints), logs each checkpoint directory as the serving pyfunc model
@@ -89,17 +89,16 @@ def decide(
             return False, f"candidate has no (finite) value for headline metric {m}"
         if m not in champion_metrics:
             return False, f"champion has no value for headline metric {m}: re-evaluate it before comparing"
-    not_better = [m for m in headline if not float(candidate_metrics[m]) > float(champion_metrics[m])]
+    gains = {m: float(candidate_metrics[m]) - float(champion_metrics[m]) for m in headline}
+    not_better = [m for m, gain in gains.items() if not gain > 0]
     if not_better:
         return False, "; ".join(f"headline {m} did not beat the champion: {candidate_metrics[m]:.4f} <= "
                                 f"{champion_metrics[m]:.4f}" for m in not_better)
-    small = [m for m in headline
-             if float(candidate_metrics[m]) - float(champion_metrics[m]) < min_improvement - _EPS]
+    small = [m for m, gain in gains.items() if gain < min_improvement - _EPS]
     if small:
-        return False, "; ".join(
-            f"headline {m} did not beat the champion by {min_improvement:g}: {candidate_metrics[m]:.4f} against "
-            f"{champion_metrics[m]:.4f} ({float(candidate_metrics[m]) - float(champion_metrics[m]):+.4f})"
-            for m in small)
+        return False, "; ".join(f"headline {m} did not beat the champion by {min_improvement:g}: "
+                                f"{candidate_metrics[m]:.4f} against {champion_metrics[m]:.4f} ({gains[m]:+.4f})"
+                                for m in small)
     names = sorted(set(candidate_metrics) & set(champion_metrics)) if guarded is None else list(guarded)
     regressions = []
     for m in names:
