@@ -156,11 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--checkpoint-every", type=int, default=0)
     ap.add_argument("--backend", default="torch")
+    ap.add_argument("--ema-decay", type=float, default=0.0)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     root = Path(args.root)
     cfg = rl_config(root, args.scenario, args.tag, steps=args.steps, checkpoint_every=args.checkpoint_every,
-                    engine=EngineConfig(backend=args.backend, grad_clip=1.0))
+                    engine=EngineConfig(backend=args.backend, grad_clip=1.0), ema_decay=args.ema_decay)
     summary = train_rl(cfg)
     from unirl.train.distributed import dist_info
 

@@ -22,8 +22,10 @@ from unirl.data.verifier import DEFAULT_DETECTOR, score
 from unirl.eval.benchmarks import (
     BENCHMARKS,
     Sampling,
+    bench_cot,
     bench_edit,
     bench_geneval,
+    bench_refine,
     bench_reflect,
     bench_vqa,
     parse_verdict,
@@ -186,6 +188,35 @@ def test_edit_vqa_reflect_benchmarks(world):
     assert res.metrics["reflect/judgement"] == pytest.approx(np.mean(right))
     if all(v != "incorrect" for v in verdicts):  # no edit asked: the images are unchanged
         assert res.metrics["reflect/score_after"] == res.metrics["reflect/score_before"]
+
+
+def test_image_benchmarks_average_several_draws_per_prompt(world):
+    """images_per_prompt k: every draw is judged (draw j of sample i from seed i * k + j, so draw 0 of sample 0
+    is the one-draw image), the metric is their mean, each record the mean of its sample's draws."""
+    root, model = world
+    sampling = Sampling.for_model(model, steps=2, max_new_tokens=12)
+    cot = select_balanced(list(read_samples(root / "shards" / "t2i_cot", "test")), 3, tag=lambda s: s.meta["tag"])
+    one = bench_cot(model, cot, sampling, DEFAULT_DETECTOR)
+    two = bench_cot(model, cot, sampling, DEFAULT_DETECTOR, images_per_prompt=2)
+    assert len(two.records) == 3 and [r["completion"] for r in two.records] == [r["completion"] for r in one.records]
+    for arm in ("with", "without"):
+        assert two.metrics[f"cot/{arm}_reasoning"] == pytest.approx(np.mean([r[f"{arm}_score"] for r in two.records]))
+    assert two.previews[0][0].tobytes() == one.previews[0][0].tobytes()
+    # The draws are the model's own sampler at the stated seeds, judged by the verifier independently here.
+    md = cot[1].meta["metadata"]
+    prompt = cot[1].meta["prompt"]
+    redo = [score(im, md)["score"] for im in sample_images(model, [prompt, prompt], [sample_seed(0, 2),
+                                                                                     sample_seed(0, 3)], sampling)]
+    assert two.records[1]["without_score"] == pytest.approx(np.mean(redo))
+
+    refine = list(read_samples(root / "shards" / "prompt_refine", "test"))[:2]
+    res = bench_refine(model, refine, sampling, DEFAULT_DETECTOR, images_per_prompt=3)
+    assert res.metrics["refine/raw_score"] == pytest.approx(np.mean([r["raw_score"] for r in res.records]))
+    edits = list(read_samples(root / "shards" / "edit", "test"))[:2]
+    res = bench_edit(model, edits, sampling, DEFAULT_DETECTOR, images_per_prompt=2)
+    assert res.metrics["edit/correct"] == pytest.approx(np.mean([r["correct"] for r in res.records]))
+    with pytest.raises(ValueError, match="images_per_prompt must be >= 1"):
+        bench_edit(model, edits, sampling, DEFAULT_DETECTOR, images_per_prompt=0)
 
 
 # ------------------------------------------------------------------------------------------- the eval stage

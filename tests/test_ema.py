@@ -53,6 +53,17 @@ def test_average_follows_the_warmed_up_recurrence_over_trained_parameters_only()
     assert torch.equal(avg["1.weight"], state["1.weight"].to(torch.bfloat16))  # frozen: the module's own
 
 
+def test_average_without_warmup_starts_at_the_initial_weights() -> None:
+    model, engine = _trained()
+    ema = WeightEMA(engine.trainable, decay=0.9, warmup=False)
+    init = {n: p.detach().clone() for n, p in engine.trainable}
+    _step(model, engine, 0)
+    assert ema.current_decay() == 0.9
+    ema.update()
+    for n, p in engine.trainable:  # 0.9 of the initial weights after one update (the warm-up would keep 0.1)
+        torch.testing.assert_close(ema.shadow[n], 0.9 * init[n] + 0.1 * p.detach(), rtol=0, atol=1e-7)
+
+
 def test_average_survives_a_checkpoint_and_bad_states_get_clear_errors(tmp_path: Path) -> None:
     model, engine = _trained()
     ema = WeightEMA(engine.trainable, decay=0.99)
@@ -71,6 +82,8 @@ def test_average_survives_a_checkpoint_and_bad_states_get_clear_errors(tmp_path:
         again.load_state_dict(None, path)
     with pytest.raises(CheckpointError, match="decay 0.99, this run 0.5"):
         WeightEMA(engine.trainable, decay=0.5).load_state_dict(loaded.engine_state["stage"]["ema"], path)
+    with pytest.raises(CheckpointError, match="warmup=True, this run False"):
+        WeightEMA(engine.trainable, decay=0.99, warmup=False).load_state_dict(loaded.engine_state["stage"]["ema"])
     other = nn.Linear(4, 3)
     with pytest.raises(CheckpointError, match="missing key"):
         WeightEMA([("w", other.weight)], decay=0.99).load_state_dict(loaded.engine_state["stage"]["ema"], path)

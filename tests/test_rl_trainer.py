@@ -224,8 +224,9 @@ def _env() -> dict[str, str]:
 
 @pytest.mark.slow
 def test_resume_after_a_kill_reproduces_the_uninterrupted_run(root):
-    steps = ["--steps", "3", "--checkpoint-every", "1"]
-    full = train_rl(rl_config(root, "t2i", "full", steps=3, checkpoint_every=1))  # uninterrupted, in this process
+    # with the weight average on: the checkpoints must carry it for the saved (averaged) model to match
+    steps = ["--steps", "3", "--checkpoint-every", "1", "--ema-decay", "0.5"]
+    full = train_rl(rl_config(root, "t2i", "full", steps=3, checkpoint_every=1, ema_decay=0.5))  # uninterrupted
     proc = subprocess.Popen(_worker_cmd(root, "killed", *steps), env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     run_dir = root / "killed" / "run"
@@ -249,6 +250,26 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(root):
     rb = list(csv.DictReader((root / "killed" / "reports" / "reward_curve.csv").open()))
     assert [r["reward/mean"] for r in ra] == [r["reward/mean"] for r in rb]
     shutil.rmtree(root / "killed", ignore_errors=True)
+
+
+def test_weight_average_is_what_the_run_evaluates_and_saves(root):
+    """ema_decay d (no warm-up): after steps 1, 2 the saved trained weights are d^2 w0 + d(1-d) w1 + (1-d) w2 of
+    the iterates, read from an identical run without the average; frozen weights stay the initial ones."""
+    from unirl.train.checkpoint import load_checkpoint
+
+    plain = train_rl(rl_config(root, "t2i", "iterates", steps=2, checkpoint_every=1, keep_checkpoints=2))
+    avg = train_rl(rl_config(root, "t2i", "ema", steps=2, ema_decay=0.5))
+    w0 = _weights(root / "sft")
+    w1, w2 = (load_checkpoint(root / "iterates" / "run" / f"step-{s:06d}").model_state for s in (1, 2))
+    saved = _weights(root / "ema" / "model")
+    trained = [n for n in w0 if not torch.equal(w0[n], w2[n])]
+    assert any(n.startswith("dit.") for n in trained) and not any(n.startswith("lm.") for n in trained)
+    for n in w0:
+        expect = 0.25 * w0[n] + 0.25 * w1[n] + 0.5 * w2[n] if n in trained else w0[n]
+        torch.testing.assert_close(saved[n], expect, rtol=0, atol=1e-6)
+    assert avg["trainable_sha256"] != plain["trainable_sha256"]  # the digest is of the saved (averaged) weights
+    with pytest.raises(ValueError, match=r"rl.ema_decay must be in \[0, 1\)"):
+        train_rl(rl_config(root, "t2i", "bad", ema_decay=1.0))
 
 
 @pytest.mark.slow

@@ -12,6 +12,11 @@ Benchmarks (metric names as they appear in ``results.json``):
 - ``geneval``: T2I on GenEval-format test prompts, ``images_per_prompt`` images each. ``geneval/<tag>`` = share of
   correct images of the tag, ``geneval/overall`` = mean over tags (GenEval's summary); ``geneval_score/<tag>`` and
   ``geneval_score/overall``: the same with the partial score.
+The image benchmarks (``geneval``, ``edit``, ``cot``, ``refine``) draw ``images_per_prompt`` images per prompt (and
+arm), sample ``i``'s draw ``j`` from seed ``sample_seed(seed, i * k + j)``; their metrics average every draw, and
+their per-sample records hold the mean over the sample's draws. On 48 prompts one draw each, two noise seeds
+differ by ~0.1 in the partial score (docs/results.md), as much as an RL stage is asked to gain.
+
 - ``edit``: source image + instruction -> edited image, judged against the target metadata: ``edit/correct``
   (binary), ``edit/score`` (partial), ``edit/<tag>`` (correct per edit kind) and ``edit/preservation``: the share
   of the source's untouched objects found again in the edited image with the same class and colour and a centre
@@ -52,6 +57,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "BENCHMARKS",
+    "IMAGE_BENCHMARKS",
     "BenchmarkResult",
     "Sampling",
     "bench_cot",
@@ -288,15 +294,35 @@ def _previews(images: Sequence[Image.Image], caption: Callable[[int], str], meta
     return [(images[i], caption(i), metas[i]["prompt"]) for i in range(min(n, len(metas)))]
 
 
+def _repeat(xs: Sequence[Any] | None, k: int) -> list[Any] | None:
+    """Each item ``k`` times in a row, prompt-major: draw ``j`` of item ``i`` is ``i * k + j``."""
+    return None if xs is None else [x for x in xs for _ in range(k)]
+
+
+def _draw(model: UnifiedModel, prompts: Sequence[str], sampling: Sampling, k: int,
+          images: Sequence[Image.Image] | None = None, task: str = "t2i",
+          prefix_ids: Sequence[Sequence[int]] | None = None) -> list[Image.Image]:
+    """``k`` images per prompt, prompt-major (len(prompts) * k), draw ``j`` of sample ``i`` from seed
+    ``sample_seed(seed, i * k + j)``: with ``k = 1`` sample ``i`` keeps the seed it has without repeats."""
+    if k < 1:
+        raise ValueError(f"images_per_prompt must be >= 1, got {k}")
+    seeds = [sample_seed(sampling.seed, i) for i in range(len(prompts) * k)]
+    return sample_images(model, _repeat(prompts, k), seeds, sampling, images=_repeat(images, k), task=task,
+                         prefix_ids=_repeat(prefix_ids, k))
+
+
+def _per_sample(values: Sequence[float | None], k: int) -> list[float | None]:
+    """Mean over each sample's ``k`` consecutive draws (the per-sample record of a multi-draw benchmark)."""
+    return [_mean(values[i : i + k]) for i in range(0, len(values), k)]
+
+
 # ------------------------------------------------------------------------------------------------- benchmarks
 def bench_geneval(model: UnifiedModel, metadatas: Sequence[Mapping[str, Any]], sampling: Sampling,
                   detector: Detector, images_per_prompt: int = 4, preview_n: int = 6,
                   templates: Mapping[str, str] | None = None) -> BenchmarkResult:
     """GenEval protocol on ``metadatas`` (GenEval schema): ``images_per_prompt`` images per prompt."""
     k = int(images_per_prompt)
-    prompts = [md["prompt"] for md in metadatas for _ in range(k)]
-    seeds = [sample_seed(sampling.seed, i) for i in range(len(prompts))]
-    flat = sample_images(model, prompts, seeds, sampling)
+    flat = _draw(model, [md["prompt"] for md in metadatas], sampling, k)  # (n * k,) prompt-major
     records = score_records(flat, [md for md in metadatas for _ in range(k)], detector)
     summary = summarize(records)
     metrics = {f"geneval/{t}": v["correct"] for t, v in summary["tags"].items()}
@@ -311,41 +337,50 @@ def bench_geneval(model: UnifiedModel, metadatas: Sequence[Mapping[str, Any]], s
 
 
 def bench_edit(model: UnifiedModel, samples: Sequence[Any], sampling: Sampling, detector: Detector,
-               preview_n: int = 6, templates: Mapping[str, str] | None = None) -> BenchmarkResult:
-    """Editing correctness (target metadata), partial score and source preservation on edit test samples."""
+               preview_n: int = 6, templates: Mapping[str, str] | None = None,
+               images_per_prompt: int = 1) -> BenchmarkResult:
+    """Editing correctness (target metadata), partial score and source preservation on edit test samples, over
+    ``images_per_prompt`` edits of each source (the metrics average all of them)."""
+    k = int(images_per_prompt)
     metas = [s.meta for s in samples]
     sources = [s.images["src.png"] for s in samples]
-    seeds = [sample_seed(sampling.seed, i) for i in range(len(samples))]
-    edited = sample_images(model, [m["prompt"] for m in metas], seeds, sampling, images=sources, task="i2i")
-    judged = _judge(edited, [m["metadata"] for m in metas], detector)
-    kept = [preservation(im, m["source_scene"], m["edit"], detector) for im, m in zip(edited, metas)]
+    edited = _draw(model, [m["prompt"] for m in metas], sampling, k, images=sources, task="i2i")  # (n * k,)
+    flat_metas = _repeat(metas, k)
+    judged = _judge(edited, [m["metadata"] for m in flat_metas], detector)
+    kept = [preservation(im, m["source_scene"], m["edit"], detector) for im, m in zip(edited, flat_metas)]
     correct = [float(j["correct"]) for j in judged]
     metrics: dict[str, float] = {"edit/correct": _mean(correct), "edit/score": _mean([j["score"] for j in judged])}
     _put(metrics, "edit/preservation", _mean(kept))
-    _per_tag(metrics, "edit", [m["tag"] for m in metas], correct)
-    records = [{"tag": m["tag"], "prompt": m["prompt"], "correct": j["correct"], "score": j["score"],
-                "preservation": p, "reason": j["reason"]} for m, j, p in zip(metas, judged, kept)]
-    previews = _previews(edited, lambda i: _mark(judged[i]["correct"]), metas, preview_n)
+    _per_tag(metrics, "edit", [m["tag"] for m in flat_metas], correct)
+    records = [{"tag": m["tag"], "prompt": m["prompt"], "correct": c, "score": sc, "preservation": p,
+                "reason": judged[i * k]["reason"]}
+               for i, (m, c, sc, p) in enumerate(zip(metas, _per_sample(correct, k),
+                                                     _per_sample([j["score"] for j in judged], k),
+                                                     _per_sample(kept, k)))]
+    previews = _previews(edited[::k], lambda i: _mark(judged[i * k]["correct"]), metas, preview_n)
     return BenchmarkResult(metrics, previews, records)
 
 
 def bench_cot(model: UnifiedModel, samples: Sequence[Any], sampling: Sampling, detector: Detector,
-              preview_n: int = 6, templates: Mapping[str, str] | None = None) -> BenchmarkResult:
-    """Reasoning-to-image with the LM's reasoning (hidden states of its completion) and without (raw prompt)."""
+              preview_n: int = 6, templates: Mapping[str, str] | None = None,
+              images_per_prompt: int = 1) -> BenchmarkResult:
+    """Reasoning-to-image with the LM's reasoning (hidden states of its completion) and without (raw prompt),
+    ``images_per_prompt`` images per prompt and arm (one greedy completion per prompt), on the same seeds."""
+    k = int(images_per_prompt)
     metas, prompts = _lm_inputs(samples, templates)
     texts, ids = _greedy(model, prompts, None, sampling)
-    seeds = [sample_seed(sampling.seed, i) for i in range(len(samples))]
-    with_r = sample_images(model, prompts, seeds, sampling, prefix_ids=ids)
-    without = sample_images(model, prompts, seeds, sampling)
-    mds = [m["metadata"] for m in metas]
+    with_r = _draw(model, prompts, sampling, k, prefix_ids=ids)  # (n * k,)
+    without = _draw(model, prompts, sampling, k)  # (n * k,)
+    mds = [m["metadata"] for m in _repeat(metas, k)]
     jw, jo = _judge(with_r, mds, detector), _judge(without, mds, detector)
     fmt = format_reward(texts, prompts, metas)
     metrics = _arm_means({"with": jw, "without": jo}, "cot/{}_reasoning", "cot/{}_reasoning_correct")
     metrics["cot/format"] = _mean(fmt)
-    records = [{"tag": m["tag"], "prompt": m["prompt"], "completion": t, "with_score": a["score"],
-                "without_score": b["score"]} for m, t, a, b in zip(metas, texts, jw, jo)]
-    previews = _previews(with_r, lambda i: f"{_mark(jw[i]['correct'])} {extract_answer(texts[i]) or '-'}", metas,
-                         preview_n)
+    records = [{"tag": m["tag"], "prompt": m["prompt"], "completion": t, "with_score": a, "without_score": b}
+               for m, t, a, b in zip(metas, texts, _per_sample([j["score"] for j in jw], k),
+                                     _per_sample([j["score"] for j in jo], k))]
+    previews = _previews(with_r[::k], lambda i: f"{_mark(jw[i * k]['correct'])} {extract_answer(texts[i]) or '-'}",
+                         metas, preview_n)
     return BenchmarkResult(metrics, previews, records)
 
 
@@ -397,23 +432,29 @@ def bench_reflect(model: UnifiedModel, samples: Sequence[Any], sampling: Samplin
 
 
 def bench_refine(model: UnifiedModel, samples: Sequence[Any], sampling: Sampling, detector: Detector,
-                 preview_n: int = 6, templates: Mapping[str, str] | None = None) -> BenchmarkResult:
-    """Prompt refinement: images from the LM's rewrite vs from the raw request (same seeds), judged by metadata."""
+                 preview_n: int = 6, templates: Mapping[str, str] | None = None,
+                 images_per_prompt: int = 1) -> BenchmarkResult:
+    """Prompt refinement: images from the LM's rewrite vs from the raw request (same seeds, ``images_per_prompt``
+    per prompt and arm), judged by metadata."""
+    k = int(images_per_prompt)
     metas, prompts = _lm_inputs(samples, templates)
     texts, _ = _greedy(model, prompts, None, sampling)
     rewrites = [extract_answer(t) or t for t in texts]
-    seeds = [sample_seed(sampling.seed, i) for i in range(len(samples))]
-    refined = sample_images(model, rewrites, seeds, sampling)
-    raw = sample_images(model, [m["prompt"] for m in metas], seeds, sampling)
-    mds = [m["metadata"] for m in metas]
+    refined = _draw(model, rewrites, sampling, k)  # (n * k,)
+    raw = _draw(model, [m["prompt"] for m in metas], sampling, k)  # (n * k,)
+    mds = [m["metadata"] for m in _repeat(metas, k)]
     jr, jraw = _judge(refined, mds, detector), _judge(raw, mds, detector)
     metrics = _arm_means({"": jr, "raw_": jraw}, "refine/{}score", "refine/{}correct")
     metrics["refine/format"] = _mean(format_reward(texts, prompts, metas))
-    records = [{"tag": m["tag"], "prompt": m["prompt"], "rewrite": r, "score": a["score"], "raw_score": b["score"]}
-               for m, r, a, b in zip(metas, rewrites, jr, jraw)]
-    previews = _previews(refined, lambda i: f"{_mark(jr[i]['correct'])} {rewrites[i]}", metas, preview_n)
+    records = [{"tag": m["tag"], "prompt": m["prompt"], "rewrite": r, "score": a, "raw_score": b}
+               for m, r, a, b in zip(metas, rewrites, _per_sample([j["score"] for j in jr], k),
+                                     _per_sample([j["score"] for j in jraw], k))]
+    previews = _previews(refined[::k], lambda i: f"{_mark(jr[i * k]['correct'])} {rewrites[i]}", metas, preview_n)
     return BenchmarkResult(metrics, previews, records)
 
+
+# the benchmarks that sample images from prompts, and take images_per_prompt
+IMAGE_BENCHMARKS: tuple[str, ...] = ("geneval", "edit", "cot", "refine")
 
 # name -> (function, data task it reads from the shards; "geneval" reads the GenEval metadata file)
 BENCHMARKS: dict[str, tuple[Callable[..., BenchmarkResult], str]] = {

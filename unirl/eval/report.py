@@ -34,7 +34,7 @@ import torch
 from unirl.config import option, to_dict
 from unirl.data.shards import atomic_write_json, read_samples
 from unirl.data.verifier import load_geneval_metadata
-from unirl.eval.benchmarks import BENCHMARKS, BenchmarkResult, Sampling, select_balanced
+from unirl.eval.benchmarks import BENCHMARKS, IMAGE_BENCHMARKS, BenchmarkResult, Sampling, select_balanced
 from unirl.eval.geneval import load_detector, write_geneval_folder
 from unirl.eval.grid import make_grid, save_image_atomic
 
@@ -82,7 +82,8 @@ class EvalConfig:
         {"geneval": 96, "edit": 60, "cot": 48, "vqa": 120, "reflect": 48, "refine": 48},
         "Prompts per benchmark, taken round-robin over tags (sorted tag names, file order within a tag).",
     )
-    images_per_prompt: int = option(2, "GenEval images per prompt (GenEval itself uses 4).")
+    images_per_prompt: int = option(2, f"Images per prompt (and arm) of the image benchmarks {list(IMAGE_BENCHMARKS)}"
+                                       " (GenEval itself uses 4); their metrics average every image.")
     # --- sampling (null = the checkpoint's own config.sampling value)
     steps: int | None = option(10, "Euler steps per image (null: the checkpoint's default).")
     cfg_scale: float | None = option(None, "Text guidance scale (null: the checkpoint's default).")
@@ -205,7 +206,7 @@ def run_benchmark(cfg: EvalConfig, benchmark: str, progress: bool = True) -> dic
     items = load_inputs(cfg, benchmark)
     detector = load_detector(cfg.detector)
     kwargs: dict[str, Any] = {"preview_n": cfg.preview_prompts, "templates": cfg.lm_templates}
-    if benchmark == "geneval":
+    if benchmark in IMAGE_BENCHMARKS:
         kwargs["images_per_prompt"] = cfg.images_per_prompt
     result: dict[str, Any] = {"benchmark": benchmark, "n_prompts": len(items), "metrics": {}, "settings": {},
                               "timing_s": {}, "skipped": skipped, "records": {}}

@@ -14,6 +14,12 @@ Variant implemented (the loop; the maths live in :mod:`unirl.rl.grpo`, :mod:`uni
   ``max_nan_steps`` steps were skipped.
 * **Budget.** ``steps`` optimiser steps, or fewer: with ``max_minutes`` > 0 the loop stops when the elapsed time
   plus the time the final evaluation will take (measured by the first one) would exceed it.
+* **Weight average.** With ``ema_decay`` > 0 the trained parameters are averaged after every step
+  (:class:`unirl.train.ema.WeightEMA`, ``ema_warmup`` off by default: the average starts at the initial policy);
+  the "after" evaluation, the grid and the saved model use the average, the checkpoints hold iterate and average
+  (a resume is exact). Flow-GRPO evaluates an EMA of its policy as well; the paper does not say. Why: a run's
+  held-out score moves by +-0.03 from one 10-step checkpoint to the next (docs/results.md, ``t2i_cot``), so the
+  last iterate is a noisy pick of where the wall-clock budget happens to stop.
 * **Outputs.** Held-out ``evaluate`` before and after (the mean over ``eval_seeds`` sampling seeds: with one
   image per prompt, one seed's score on 60 prompts swings by ~0.1 from seed to seed); the final model
   (``save_pretrained`` in ``out_dir``); ``metrics.json`` (before/after/delta per metric), ``reward_curve.csv`` (DVC
@@ -42,6 +48,7 @@ from unirl.rl.prompts import load_prompts, sample_prompts
 from unirl.rl.report import atomic_text, before_after_grid, step_metrics, write_reward_curve
 from unirl.rl.scenario import Scenario, get_scenario
 from unirl.train.checkpoint import inputs_digest
+from unirl.train.ema import WeightEMA
 from unirl.train.engine import EngineConfig
 
 __all__ = ["RLConfig", "derive_seed", "evaluate_seeds", "load_rl_config", "run_rl", "train_rl"]
@@ -74,6 +81,10 @@ class RLConfig:
     lr_lm: float = option(1e-5, "learning rate of the LM expert (lm + vision tower)")
     lr_dm: float = option(1e-4, "learning rate of the DM side (DiT, connector, queries, reference path)")
     engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
+    ema_decay: float = option(0.0, "EMA of the trained weights after every step (unirl.train.ema); the after-"
+                                   "evaluation and the saved model use it, checkpoints keep both; 0 = last iterate")
+    ema_warmup: bool = option(False, "EMA bias warm-up min(decay, (1+t)/(10+t)); off: the decay from step 1, so the "
+                                     "average starts at the initial policy")
     gradient_checkpointing: bool = option(False, "recompute DiT blocks in backward (full scale: G*T replay fits)")
     replay_chunk: int = option(0, "transitions per DiT pass in the DM loss replay, each chunk recomputed in "
                                   "backward; 0 = all G*T in one pass (full scale at 1024 px needs chunks)")
@@ -245,6 +256,8 @@ def train_rl(cfg: RLConfig, scenario: Scenario | None = None) -> dict[str, Any]:
         raise ValueError("rl.inner_updates, rl.prompts_per_step and rl.processes must be >= 1")
     if cfg.eval_seeds < 1:
         raise ValueError(f"rl.eval_seeds must be >= 1 (evaluation repeats), got {cfg.eval_seeds}")
+    if not 0.0 <= cfg.ema_decay < 1.0:
+        raise ValueError(f"rl.ema_decay must be in [0, 1) (0 = no weight average), got {cfg.ema_decay}")
     if cfg.replay_chunk < 0:
         raise ValueError(f"rl.replay_chunk must be >= 0 (0 = all transitions in one pass), got {cfg.replay_chunk}")
     t_start = time.perf_counter()
@@ -264,6 +277,7 @@ def train_rl(cfg: RLConfig, scenario: Scenario | None = None) -> dict[str, Any]:
     groups = scenario.param_groups(model)
     engine = build_engine(model, groups, cfg.engine)
     model = engine.module
+    ema = WeightEMA(engine.trainable, cfg.ema_decay, warmup=cfg.ema_warmup) if cfg.ema_decay > 0 else None
     model.eval()  # no dropout anywhere: the loss must see exactly the rollout's computation (gradients still flow)
     train_prompts = load_prompts(cfg.shards_dir, scenario.data_task, "train")
     eval_prompts = load_prompts(cfg.shards_dir, scenario.data_task, "test", limit=cfg.eval_prompts)
@@ -280,6 +294,8 @@ def train_rl(cfg: RLConfig, scenario: Scenario | None = None) -> dict[str, Any]:
             _check_resume_config(extra.get("config", {}), to_dict(cfg), ckpt.path)
             history, before, eval_seconds = extra["history"], extra["eval_before"], extra["eval_seconds"]
             nan_steps = int(extra["nan_steps"])
+            if ema is not None:
+                ema.load_state_dict(ckpt.stage_state.get("ema"), ckpt.path)
             print(f"[rl] resumed {cfg.scenario} from {ckpt.path} at step {start}", flush=True)
         else:
             start, history, nan_steps = 0, [], 0
@@ -291,7 +307,8 @@ def train_rl(cfg: RLConfig, scenario: Scenario | None = None) -> dict[str, Any]:
         def save(step: int) -> None:
             extra = {"config": to_dict(cfg), "history": history, "eval_before": before,
                      "eval_seconds": eval_seconds, "nan_steps": nan_steps}
-            path = save_training_checkpoint(engine, cfg.run_dir, step, extra=extra, keep_last=cfg.keep_checkpoints)
+            path = save_training_checkpoint(engine, cfg.run_dir, step, extra=extra, keep_last=cfg.keep_checkpoints,
+                                            stage_state={"ema": ema.state_dict()} if ema is not None else None)
             tracker.log_checkpoint(path, step, seed=cfg.seed, data_version=dvc_version)
 
         bar = progress_bar(range(start, cfg.steps), desc=f"rl {cfg.scenario}",
@@ -318,6 +335,8 @@ def train_rl(cfg: RLConfig, scenario: Scenario | None = None) -> dict[str, Any]:
                         f"{cfg.max_nan_steps}); lower rl.lr_dm / rl.lr_lm or check the rewards, then resume from "
                         f"the last checkpoint in {cfg.run_dir}"
                     )
+            elif ema is not None:
+                ema.update()
             row = {"step": step + 1, **_all_mean(row)}
             history.append(row)
             tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step + 1)
@@ -327,8 +346,11 @@ def train_rl(cfg: RLConfig, scenario: Scenario | None = None) -> dict[str, Any]:
         done = len(history)
         if done > start and (not cfg.checkpoint_every or done % cfg.checkpoint_every):
             save(done)
-        after = evaluate_seeds(scenario, model, eval_prompts, cfg)
         state = engine.model_state_dict()  # collective (ZeRO: gathered); the trained values on every rank
+        if ema is not None:  # training is over: the policy takes the average for evaluation and saving
+            state = ema.averaged(state)
+            model.load_state_dict(state)
+        after = evaluate_seeds(scenario, model, eval_prompts, cfg)
         summary = {
             "scenario": cfg.scenario,
             "seed": cfg.seed,

@@ -6,6 +6,10 @@ of updates so far, so that the average is not dominated by the initial weights e
 
     shadow <- d_t * shadow + (1 - d_t) * weight         after every optimiser step
 
+``warmup=False`` applies ``decay`` from the first update (the average then starts at the initial weights, which
+keep a share ``decay ** t``): what a short fine-tuning run from a good model wants, e.g. GRPO
+(:mod:`unirl.rl.trainer`).
+
 The shadow copy is fp32 whatever the module's dtype, holds only the trained parameters (frozen ones are equal
 to the module's anyway), and goes into each training checkpoint so that a resumed run ends with the same average
 as an uninterrupted one. Data-parallel ranks hold identical weights after each step, so each keeps its own
@@ -30,7 +34,7 @@ __all__ = ["WeightEMA"]
 class WeightEMA:
     """EMA of the named parameters ``params`` (e.g. ``Engine.trainable``) with decay ``decay`` in (0, 1)."""
 
-    def __init__(self, params: Sequence[tuple[str, nn.Parameter]], decay: float) -> None:
+    def __init__(self, params: Sequence[tuple[str, nn.Parameter]], decay: float, warmup: bool = True) -> None:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay} (0 turns the average off at the caller)")
         for name, p in params:
@@ -39,14 +43,16 @@ class WeightEMA:
                                  "full weights on every rank; use ZeRO-1/2 or the torch backend, or set the decay "
                                  "to 0")
         self.decay = float(decay)
+        self.warmup = bool(warmup)
         self.params = list(params)
         self.updates = 0
         self.shadow = {n: p.detach().float().clone() for n, p in self.params}
 
     def current_decay(self) -> float:
-        """The decay the next :meth:`update` applies: ``min(decay, (1 + t) / (10 + t))``."""
+        """The decay the next :meth:`update` applies: ``min(decay, (1 + t) / (10 + t))``, or ``decay`` without
+        the warm-up."""
         t = self.updates
-        return min(self.decay, (1.0 + t) / (10.0 + t))
+        return min(self.decay, (1.0 + t) / (10.0 + t)) if self.warmup else self.decay
 
     @torch.no_grad()
     def update(self) -> None:
@@ -64,7 +70,7 @@ class WeightEMA:
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"decay": self.decay, "updates": self.updates, "shadow": dict(self.shadow)}
+        return {"decay": self.decay, "warmup": self.warmup, "updates": self.updates, "shadow": dict(self.shadow)}
 
     def load_state_dict(self, state: dict[str, Any] | None, source: str | Path | None = None) -> None:
         """Restore :meth:`state_dict` (from a checkpoint at ``source``); a clear error if it is absent or differs."""
@@ -75,6 +81,9 @@ class WeightEMA:
         if float(state["decay"]) != self.decay:
             raise CheckpointError(f"the weight average{where} has decay {state['decay']}, this run {self.decay}: "
                                   "resume with the same decay, or start a new run")
+        if bool(state.get("warmup", True)) != self.warmup:
+            raise CheckpointError(f"the weight average{where} has warmup={state.get('warmup', True)}, this run "
+                                  f"{self.warmup}: resume with the same setting, or start a new run")
         check_key_sets(self.shadow.keys(), state["shadow"].keys(), "weight average (EMA)", source)
         self.updates = int(state["updates"])
         for n, t in state["shadow"].items():
