@@ -73,7 +73,7 @@ def micro_params(tmp: Path) -> Path:
         "grid_prompts": 2, "eval_batch_size": 2, "progress": False,
     }
     for over in (params.get("rl_scenarios") or {}).values():  # the micro budget, not a scenario's own (t2i_cot: 60)
-        for key in ("steps", "prompts_per_step", "max_minutes"):
+        for key in ("steps", "prompts_per_step", "group_size", "max_minutes"):
             over.pop(key, None)
     params["eval"].update(
         n_prompts={b: 1 for b in params["eval"]["n_prompts"]}, images_per_prompt=1, steps=2, max_new_tokens=8,
