@@ -7,16 +7,16 @@ does not depend on the batch it is drawn in, and two checkpoints see the same no
 decoded greedily (temperature 0). The judge is :func:`unirl.data.verifier.score` (GenEval rules; binary
 ``correct`` and partial ``score``) with a pluggable detector.
 
-Benchmarks (metric names as they appear in ``results.json``):
-
-- ``geneval``: T2I on GenEval-format test prompts, ``images_per_prompt`` images each. ``geneval/<tag>`` = share of
-  correct images of the tag, ``geneval/overall`` = mean over tags (GenEval's summary); ``geneval_score/<tag>`` and
-  ``geneval_score/overall``: the same with the partial score.
 The image benchmarks (``geneval``, ``edit``, ``cot``, ``refine``) draw ``images_per_prompt`` images per prompt (and
 arm), sample ``i``'s draw ``j`` from seed ``sample_seed(seed, i * k + j)``; their metrics average every draw, and
 their per-sample records hold the mean over the sample's draws. On 48 prompts one draw each, two noise seeds
 differ by ~0.1 in the partial score (docs/results.md), as much as an RL stage is asked to gain.
 
+Benchmarks (metric names as they appear in ``results.json``):
+
+- ``geneval``: T2I on GenEval-format test prompts, ``images_per_prompt`` images each. ``geneval/<tag>`` = share of
+  correct images of the tag, ``geneval/overall`` = mean over tags (GenEval's summary); ``geneval_score/<tag>`` and
+  ``geneval_score/overall``: the same with the partial score.
 - ``edit``: source image + instruction -> edited image, judged against the target metadata: ``edit/correct``
   (binary), ``edit/score`` (partial), ``edit/<tag>`` (correct per edit kind) and ``edit/preservation``: the share
   of the source's untouched objects found again in the edited image with the same class and colour and a centre
@@ -316,6 +316,11 @@ def _per_sample(values: Sequence[float | None], k: int) -> list[float | None]:
     return [_mean(values[i : i + k]) for i in range(0, len(values), k)]
 
 
+def _sample_scores(judged: Sequence[Mapping[str, Any]], k: int) -> list[float | None]:
+    """Each sample's partial score, the mean over its ``k`` judged draws."""
+    return _per_sample([j["score"] for j in judged], k)
+
+
 # ------------------------------------------------------------------------------------------------- benchmarks
 def bench_geneval(model: UnifiedModel, metadatas: Sequence[Mapping[str, Any]], sampling: Sampling,
                   detector: Detector, images_per_prompt: int = 4, preview_n: int = 6,
@@ -323,7 +328,7 @@ def bench_geneval(model: UnifiedModel, metadatas: Sequence[Mapping[str, Any]], s
     """GenEval protocol on ``metadatas`` (GenEval schema): ``images_per_prompt`` images per prompt."""
     k = int(images_per_prompt)
     flat = _draw(model, [md["prompt"] for md in metadatas], sampling, k)  # (n * k,) prompt-major
-    records = score_records(flat, [md for md in metadatas for _ in range(k)], detector)
+    records = score_records(flat, _repeat(metadatas, k), detector)
     summary = summarize(records)
     metrics = {f"geneval/{t}": v["correct"] for t, v in summary["tags"].items()}
     metrics["geneval/overall"] = summary["overall"]
@@ -352,11 +357,9 @@ def bench_edit(model: UnifiedModel, samples: Sequence[Any], sampling: Sampling, 
     metrics: dict[str, float] = {"edit/correct": _mean(correct), "edit/score": _mean([j["score"] for j in judged])}
     _put(metrics, "edit/preservation", _mean(kept))
     _per_tag(metrics, "edit", [m["tag"] for m in flat_metas], correct)
+    per_sample = zip(metas, judged[::k], _per_sample(correct, k), _sample_scores(judged, k), _per_sample(kept, k))
     records = [{"tag": m["tag"], "prompt": m["prompt"], "correct": c, "score": sc, "preservation": p,
-                "reason": judged[i * k]["reason"]}
-               for i, (m, c, sc, p) in enumerate(zip(metas, _per_sample(correct, k),
-                                                     _per_sample([j["score"] for j in judged], k),
-                                                     _per_sample(kept, k)))]
+                "reason": first["reason"]} for m, first, c, sc, p in per_sample]
     previews = _previews(edited[::k], lambda i: _mark(judged[i * k]["correct"]), metas, preview_n)
     return BenchmarkResult(metrics, previews, records)
 
@@ -377,8 +380,7 @@ def bench_cot(model: UnifiedModel, samples: Sequence[Any], sampling: Sampling, d
     metrics = _arm_means({"with": jw, "without": jo}, "cot/{}_reasoning", "cot/{}_reasoning_correct")
     metrics["cot/format"] = _mean(fmt)
     records = [{"tag": m["tag"], "prompt": m["prompt"], "completion": t, "with_score": a, "without_score": b}
-               for m, t, a, b in zip(metas, texts, _per_sample([j["score"] for j in jw], k),
-                                     _per_sample([j["score"] for j in jo], k))]
+               for m, t, a, b in zip(metas, texts, _sample_scores(jw, k), _sample_scores(jo, k))]
     previews = _previews(with_r[::k], lambda i: f"{_mark(jw[i * k]['correct'])} {extract_answer(texts[i]) or '-'}",
                          metas, preview_n)
     return BenchmarkResult(metrics, previews, records)
@@ -447,8 +449,7 @@ def bench_refine(model: UnifiedModel, samples: Sequence[Any], sampling: Sampling
     metrics = _arm_means({"": jr, "raw_": jraw}, "refine/{}score", "refine/{}correct")
     metrics["refine/format"] = _mean(format_reward(texts, prompts, metas))
     records = [{"tag": m["tag"], "prompt": m["prompt"], "rewrite": r, "score": a, "raw_score": b}
-               for m, r, a, b in zip(metas, rewrites, _per_sample([j["score"] for j in jr], k),
-                                     _per_sample([j["score"] for j in jraw], k))]
+               for m, r, a, b in zip(metas, rewrites, _sample_scores(jr, k), _sample_scores(jraw, k))]
     previews = _previews(refined[::k], lambda i: f"{_mark(jr[i * k]['correct'])} {rewrites[i]}", metas, preview_n)
     return BenchmarkResult(metrics, previews, records)
 
