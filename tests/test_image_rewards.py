@@ -24,8 +24,8 @@ def _edit_sample(tag: str, seed: int = 0) -> tasks.Sample:
 
 
 def test_image_rewards_are_registered():
-    names = {"geneval", "geneval_correct", "edit_correctness", "cycle_consistency", "jpeg_compressibility",
-             "clip_similarity"}
+    names = {"geneval", "geneval_correct", "geneval_complete", "edit_correctness", "cycle_consistency",
+             "jpeg_compressibility", "clip_similarity"}
     assert names <= set(available())
 
 
@@ -40,6 +40,35 @@ def test_geneval_rewards_score_t2i_samples_with_the_verifier():
     assert get("geneval")(blank, [""] * 6, metas) == [0.0] * 6  # nothing drawn: every count term is 0
     with pytest.raises(ValueError, match="metadata\\[0\\]"):
         get("geneval")(images[:1], [""], [{"prompt": "no metadata"}])
+
+
+def test_geneval_complete_gives_no_credit_for_leaving_a_requested_object_out():
+    """Where every requested class is in the image it is the partial score; a missing class scores 0, whatever the
+    partial score gives the objects that are there."""
+    rng = random.Random(1)
+    samples = [tasks.generate("t2i", rng, 64, tag=tag) for tag in ("two_object", "color_attr", "position", "counting")
+               for _ in range(2)]
+    metas = [s.meta for s in samples]
+    prompts = [m["prompt"] for m in metas]
+    full = [s.images["png"] for s in samples]
+    assert get("geneval_complete")(full, prompts, metas) == get("geneval")(full, prompts, metas) == [1.0] * 8
+    # keep only the first requested class: the partial score still pays for it, the complete one does not
+    scenes = [Scene.from_dict(m["scene"]) for m in metas]
+    first = [m["metadata"]["include"][0]["class"] for m in metas]
+    kept = [render(Scene(tuple(o for o in sc.objects if o.shape == c)), 64) for sc, c in zip(scenes, first)]
+    partial = get("geneval")(kept, prompts, metas)
+    complete = get("geneval_complete")(kept, prompts, metas)
+    for m, p, c in zip(metas, partial, complete):
+        if len({r["class"] for r in m["metadata"]["include"]}) > 1:
+            assert p > 0.0 and c == 0.0, (m["prompt"], p, c)
+        else:  # counting: one class, a wrong number of it keeps the partial count term
+            assert c == p
+    # a counting image with one object too few: the class is there, so the partial count term stays
+    count = next(s for s in samples if s.meta["tag"] == "counting")
+    sc = Scene.from_dict(count.meta["scene"])
+    fewer = render(Scene(sc.objects[1:]), 64)
+    md = [count.meta]
+    assert 0.0 < get("geneval_complete")([fewer], [""], md)[0] == get("geneval")([fewer], [""], md)[0] < 1.0
 
 
 @pytest.mark.parametrize("tag", ["add", "remove", "recolor", "move", "resize"])

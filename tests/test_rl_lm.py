@@ -43,7 +43,7 @@ torch.set_num_threads(1)
 
 LM_REWARDS = {
     "understand": {"answer_accuracy": 1.0, "format": 0.5},
-    "prompt_refine": {"geneval": 1.0, "format": 0.5},
+    "prompt_refine": {"geneval_complete": 1.0, "format": 0.5},  # params.yaml's reward
     "t2i_cot": {"geneval": 1.0, "format": 0.5},
     "reflect": {"geneval": 1.0, "judgement": 1.0, "format": 0.5},
 }
@@ -298,7 +298,7 @@ def test_prompt_refine_scores_a_missing_rewrite_zero(root, model) -> None:
 
     rollout = Rollout(prompts=prompts, group_size=2, lm=lm, images=images, texts=lm.texts)
     total, parts = sc.score(rollout)
-    assert parts["format"] == [1.0, 0.0] and parts["geneval"][1] == 0.0 and total[1] == 0.0
+    assert parts["format"] == [1.0, 0.0] and parts["geneval_complete"][1] == 0.0 and total[1] == 0.0
 
 
 # ------------------------------------------------------------------------------------------------ scenarios
@@ -353,6 +353,9 @@ def test_lm_scenarios_run_four_steps_and_leave_the_dm_unchanged(root, scenario) 
     assert summary["steps"] == 4 and summary["nan_steps"] == 0 and summary["headline"] == headline
     if scenario == "prompt_refine":  # the frozen generator does not move: raw-prompt images score the same
         assert summary["before"]["raw_geneval_score"] == summary["after"]["raw_geneval_score"]
+        tags = {k.split("/", 1)[1] for k in summary["after"] if k.startswith("score/")}
+        assert tags and tags == {k.split("/", 1)[1] for k in summary["after"] if k.startswith("raw_score/")}
+        assert all(summary["before"][f"raw_score/{t}"] == summary["after"][f"raw_score/{t}"] for t in tags)
     before = load_file(str(root / "sft" / "model.safetensors"))
     after = load_file(str(Path(cfg.out_dir) / "model.safetensors"))
     assert _changed(before, after, "lm.model.language_model.")

@@ -1,6 +1,7 @@
 """Scenario ``prompt_refine``: user prompt -> the LM rewrites it -> the FROZEN generator draws it -> verifier + format.
 
-The four steps (DESIGN.md section 2):
+The four steps (DESIGN.md section 2; the default reward is ``geneval_complete``, not GenEval's partial score,
+which the LM learns to game by leaving objects out: :func:`unirl.rewards.image.geneval_complete`):
 
 * **rollout**: the casual request (``meta["prompt"]``) is repeated ``G`` times and the LM samples ``G`` rewrites
   (:func:`unirl.rl.lm_policy.lm_rollout`); the rewrite is the ``<answer>`` content. The frozen generator then draws
@@ -21,9 +22,11 @@ policy's own DM parameters are frozen too (``train_mode = "lm"``; the test check
 
 Evaluation: held-out requests, greedy rewrites, images from the frozen generator with one fixed seed per request
 (``seed + i``): ``geneval_score`` (partial score of the rewrites' images; the headline), ``raw_geneval_score``
-(the same generator and seeds on the raw requests), ``gain_over_raw`` (their difference), the binary versions and
-``format``. Verifier results are cached per (text, prompt, seed): the generator being fixed, the raw requests are
-drawn once per run and a rewrite only when it is new. The frozen generator is the reference model passed to
+(the same generator and seeds on the raw requests), ``gain_over_raw`` (their difference), the binary versions,
+``format``, and per task family ``score/<tag>`` and ``raw_score/<tag>`` (a rewrite that drops a requested object
+can still earn the partial score's credit for the other; the per-family figures show where a gain comes from).
+Verifier results are cached per (text, prompt, seed): the generator being fixed, the raw requests are drawn once
+per run and a rewrite only when it is new. The frozen generator is the reference model passed to
 ``rollout``; an evaluation before any rollout (the "before" one) loads the same initial model from ``rl.init_dir``.
 """
 
@@ -39,6 +42,7 @@ from unirl.rewards.text import extract_answer, format_reward
 from unirl.rl.dm_policy import DMSampling, ode_images
 from unirl.rl.lm_policy import TEXT_REWARDS, lm_loss, lm_rollout, score_rewards
 from unirl.rl.scenario import Rollout, ScenarioBase
+from unirl.rl.scenarios.t2i import geneval_metrics
 from unirl.rl.scenarios.understand import greedy_texts
 
 __all__ = ["SCENARIO", "PromptRefineScenario"]
@@ -120,6 +124,9 @@ class PromptRefineScenario(ScenarioBase):
             return sum(float(r[key]) for r in rs) / len(rs)
 
         fmt = format_reward(texts, [p["prompt"] for p in prompts], prompts)
+        tags = [p["tag"] for p in prompts]
+        per_tag = {k: v for k, v in geneval_metrics(refined, tags).items() if k.startswith("score/")}
+        per_tag |= {f"raw_{k}": v for k, v in geneval_metrics(raw, tags).items() if k.startswith("score/")}
         return {
             "geneval_score": mean(refined, "score"),
             "raw_geneval_score": mean(raw, "score"),
@@ -127,6 +134,7 @@ class PromptRefineScenario(ScenarioBase):
             "geneval_correct": mean(refined, "correct"),
             "raw_geneval_correct": mean(raw, "correct"),
             "format": sum(fmt) / len(fmt),
+            **per_tag,
         }
 
     def scores(self, gen: Any, texts: list[str | None], prompts: list[dict], seeds: list[int]) -> list[dict]:
