@@ -138,9 +138,9 @@ def geneval_complete(samples: Sequence[Image.Image], prompts: Sequence[str],
     for i, (im, m) in enumerate(zip(samples, metadata)):
         md = _geneval_md(m, i)
         detections = verifier.detect(im)
+        partial = float(verifier.evaluate(detections, md)["score"])  # validates md (a clear error when malformed)
         seen = {d.cls for d in detections}
-        complete = all(req["class"] in seen for req in md["include"])
-        out.append(float(verifier.evaluate(detections, md)["score"]) if complete else 0.0)
+        out.append(partial if all(req["class"] in seen for req in md["include"]) else 0.0)
     return out
 
 
