@@ -24,7 +24,7 @@ from unirl.rewards import RewardError, register, unregister
 from unirl.rl.scenario import ScenarioBase, get_scenario, param_groups
 from unirl.rl.scenarios.t2i import T2IScenario
 from unirl.rl.trainer import RLConfig, load_rl_config, train_rl
-from unirl.train.checkpoint import CheckpointError
+from unirl.train.checkpoint import CheckpointError, load_checkpoint
 
 torch.set_num_threads(1)
 WORKER = Path(__file__).with_name("_rl_worker.py")
@@ -74,6 +74,17 @@ def test_train_rl_t2i_writes_every_output_and_trains_only_the_dm_side(root):
     # the run directory now holds checkpoints of this config: a different one must not silently resume from them
     with pytest.raises(CheckpointError, match="different rl config.*lr_dm"):
         train_rl(rl_config(root, "t2i", "run_t2i", steps=3, lr_dm=5e-4))
+    # the budget counts the time earlier invocations spent: rerun with a budget that time has used up, the run
+    # trains no further (what `dvc repro` does to a stage the clock stopped) and evaluates the same model again
+    spent = load_checkpoint(Path(cfg.run_dir) / "step-000002").extra["elapsed_s"]
+    assert 0 < spent <= summary["minutes"] * 60
+    again = train_rl(rl_config(root, "t2i", "run_t2i", steps=4, max_minutes=spent / 60))
+    assert again["steps"] == 2 and again["stopped_early"] and again["after"] == summary["after"]
+    assert again["trainable_sha256"] == summary["trainable_sha256"] and again["minutes"] > summary["minutes"]
+    assert sorted(p.name for p in Path(cfg.run_dir).iterdir()) == ["step-000001", "step-000002"]
+    # fewer steps than the run already has: an error that says what to do, not the longer run reported as this one
+    with pytest.raises(CheckpointError, match="step 2 of a run, past rl.steps = 1: delete"):
+        train_rl(rl_config(root, "t2i", "run_t2i", steps=1))
 
 
 @pytest.mark.slow

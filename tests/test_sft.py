@@ -267,3 +267,23 @@ def test_deepspeed_engine_matches_torch_engine(project: Path, tmp_path: Path, mo
     # move every parameter by ~lr per step.
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=2.5e-4, msg=k)
+
+
+def test_a_run_the_guard_stopped_trains_no_further_when_rerun(project: Path, tmp_path: Path) -> None:
+    """The wall-time guard counts the time a run's earlier invocations spent (stored in its checkpoints): rerun
+    with the same settings (what `dvc repro` does after a code change), a run the guard stopped evaluates its
+    weights again instead of training another budget's worth of steps. Raising the guard continues it."""
+    cfg = small_cfg(project, tmp_path, dm_steps=6, ema_decay=0.0, max_minutes=1e-6)  # stops after DM step 1
+    first = run_sft(cfg)["metrics"]
+    assert first["stopped_early"]
+    run = Path(cfg.run_dir)
+    assert sorted(p.name for p in run.glob("step-*")) == ["step-000002", "step-000003"]
+    assert load_checkpoint(run / "step-000003").extra["elapsed_s"] > 0
+    weights = load_file(str(Path(cfg.out_dir) / "model.safetensors"))
+    again = run_sft(cfg)["metrics"]
+    assert again["stopped_early"] and again["train_minutes"] > first["train_minutes"]
+    assert sorted(p.name for p in run.glob("step-*")) == ["step-000002", "step-000003"]
+    after = load_file(str(Path(cfg.out_dir) / "model.safetensors"))
+    assert all(torch.equal(weights[k], after[k]) for k in weights)
+    longer = run_sft(dataclasses.replace(cfg, max_minutes=60.0))["metrics"]  # a larger budget: on to the end
+    assert not longer["stopped_early"] and (run / "step-000008").is_dir()

@@ -13,7 +13,9 @@ Variant implemented (the loop; the maths live in :mod:`unirl.rl.grpo`, :mod:`uni
   the step's update (no optimiser step, on every rank) and the run stops with a clear error once
   ``max_nan_steps`` steps were skipped.
 * **Budget.** ``steps`` optimiser steps, or fewer: with ``max_minutes`` > 0 the loop stops when the elapsed time
-  plus the time the final evaluation will take (measured by the first one) would exceed it.
+  plus the time the final evaluation will take (measured by the first one) would exceed it. Checkpoints carry the
+  time spent so far, and a resumed run counts it: a run the clock stopped, rerun with the same settings (e.g. by
+  `dvc repro` after a code change), evaluates again instead of training past its budget.
 * **Weight average.** With ``ema_decay`` > 0 the trained parameters are averaged after every step
   (:class:`unirl.train.ema.WeightEMA`, ``ema_warmup`` off by default: the average starts at the initial policy);
   the "after" evaluation, the grid and the saved model use the average, the checkpoints hold iterate and average
@@ -47,7 +49,7 @@ from unirl.config import from_dict, load_params, merge_overrides, option, to_dic
 from unirl.rl.prompts import load_prompts, sample_prompts
 from unirl.rl.report import atomic_text, before_after_grid, step_metrics, write_reward_curve
 from unirl.rl.scenario import Scenario, get_scenario
-from unirl.train.checkpoint import inputs_digest
+from unirl.train.checkpoint import CheckpointError, inputs_digest
 from unirl.train.ema import WeightEMA
 from unirl.train.engine import EngineConfig
 
@@ -291,14 +293,19 @@ def train_rl(cfg: RLConfig, scenario: Scenario | None = None) -> dict[str, Any]:
         ckpt = resume_training(engine, cfg.run_dir)
         if ckpt is not None:
             start, extra = ckpt.step, ckpt.extra
+            if start > cfg.steps:  # resuming would report (and save) a longer run than the one asked for
+                raise CheckpointError(
+                    f"{ckpt.path} is step {start} of a run, past rl.steps = {cfg.steps}: delete {cfg.run_dir} to "
+                    f"train {cfg.steps} steps from the start, or set rl.steps >= {start} to continue it")
             _check_resume_config(extra.get("config", {}), to_dict(cfg), ckpt.path)
             history, before, eval_seconds = extra["history"], extra["eval_before"], extra["eval_seconds"]
             nan_steps = int(extra["nan_steps"])
+            spent = float(extra.get("elapsed_s", 0.0))  # earlier invocations' time, counted by the budget
             if ema is not None:
                 ema.load_state_dict(ckpt.stage_state.get("ema"), ckpt.path)
             print(f"[rl] resumed {cfg.scenario} from {ckpt.path} at step {start}", flush=True)
         else:
-            start, history, nan_steps = 0, [], 0
+            start, history, nan_steps, spent = 0, [], 0, 0.0
             t0 = time.perf_counter()
             before = evaluate_seeds(scenario, model, eval_prompts, cfg)
             eval_seconds = time.perf_counter() - t0
@@ -306,7 +313,8 @@ def train_rl(cfg: RLConfig, scenario: Scenario | None = None) -> dict[str, Any]:
 
         def save(step: int) -> None:
             extra = {"config": to_dict(cfg), "history": history, "eval_before": before,
-                     "eval_seconds": eval_seconds, "nan_steps": nan_steps}
+                     "eval_seconds": eval_seconds, "nan_steps": nan_steps,
+                     "elapsed_s": spent + time.perf_counter() - t_start}
             path = save_training_checkpoint(engine, cfg.run_dir, step, extra=extra, keep_last=cfg.keep_checkpoints,
                                             stage_state={"ema": ema.state_dict()} if ema is not None else None)
             tracker.log_checkpoint(path, step, seed=cfg.seed, data_version=dvc_version)
@@ -318,7 +326,7 @@ def train_rl(cfg: RLConfig, scenario: Scenario | None = None) -> dict[str, Any]:
         repeats = cfg.eval_seeds if getattr(scenario, "eval_uses_seed", True) else 1
         final_s = eval_seconds * (1.0 + 2.0 * cfg.grid_prompts / max(1, len(eval_prompts) * repeats)) + 5.0
         for step in bar:
-            elapsed = time.perf_counter() - t_start
+            elapsed = spent + time.perf_counter() - t_start
             last = history[-1]["time/step_s"] if history and "time/step_s" in history[-1] else 0.0
             over = cfg.max_minutes > 0 and elapsed + last + final_s > cfg.max_minutes * 60
             if _all_min(0.0 if over else 1.0) == 0.0:
@@ -356,7 +364,7 @@ def train_rl(cfg: RLConfig, scenario: Scenario | None = None) -> dict[str, Any]:
             "seed": cfg.seed,
             "steps": done,
             "stopped_early": stopped_early,
-            "minutes": (time.perf_counter() - t_start) / 60,
+            "minutes": (spent + time.perf_counter() - t_start) / 60,  # every invocation of this run
             "before": before,
             "after": after,
             "delta": {k: after[k] - before[k] for k in after if k in before and not k.endswith("/seed_std")},
@@ -399,8 +407,6 @@ RESUMABLE_CHANGES = frozenset({"steps", "max_minutes", "tracking", "progress", "
 
 
 def _check_resume_config(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
-    from unirl.train.checkpoint import CheckpointError
-
     diff = sorted(k for k in set(saved) | set(current)
                   if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
     if diff:

@@ -227,8 +227,8 @@ def resolve_run_dir(cfg: SFTConfig) -> SFTConfig:
     return dataclasses.replace(cfg, run_dir=f"data/runs/sft/{hashlib.sha256(blob).hexdigest()[:12]}")
 
 
-def _resume_point(cfg: SFTConfig) -> tuple[Path | None, str, int]:
-    """(checkpoint, phase, phase step) to resume from, or (None, 'lm', 0) for a fresh run."""
+def _resume_point(cfg: SFTConfig) -> tuple[Path | None, str, int, float]:
+    """(checkpoint, phase, phase step, seconds the run has spent) to resume from, or (None, 'lm', 0, 0.0)."""
     if cfg.resume_from is not None:
         p = Path(cfg.resume_from)
         ckpt = p if (p / INDEX).exists() else latest_checkpoint(p)
@@ -238,7 +238,7 @@ def _resume_point(cfg: SFTConfig) -> tuple[Path | None, str, int]:
     else:
         ckpt = latest_checkpoint(cfg.run_dir)
     if ckpt is None:
-        return None, "lm", 0
+        return None, "lm", 0, 0.0
     try:
         extra = json.loads((ckpt / INDEX).read_text())["extra"] or {}
         phase, phase_step, saved = str(extra["phase"]), int(extra["phase_step"]), dict(extra["config"])
@@ -250,7 +250,7 @@ def _resume_point(cfg: SFTConfig) -> tuple[Path | None, str, int]:
     if changed:
         raise CheckpointError(f"{ckpt} belongs to an SFT run with other settings ({', '.join(changed)} differ): "
                               f"delete {ckpt.parent} to start a new run, or restore those values to resume it")
-    return ckpt, phase, phase_step
+    return ckpt, phase, phase_step, float(extra.get("elapsed_s", 0.0))
 
 
 def _any_rank(flag: bool) -> bool:
@@ -333,7 +333,9 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     for name, least in (("lm_steps", 0), ("dm_steps", 0), ("processes", 1)):
         if getattr(cfg, name) < least:
             raise ValueError(f"sft.{name} must be >= {least}, got {getattr(cfg, name)}")
-    ckpt, phase0, phase_step0 = _resume_point(cfg)
+    # `spent`: the time earlier invocations of this run trained; the wall-time guard counts it, so a run the guard
+    # stopped, rerun with the same settings (`dvc repro` after a code change), evaluates again instead of training on
+    ckpt, phase0, phase_step0, spent = _resume_point(cfg)
     tok = load_tokenizer(cfg.tokenizer_dir)
     mcfg = with_trained_vae(load_model_config(cfg.profile), cfg.vae_dir)
     torch.manual_seed(cfg.seed)
@@ -376,6 +378,9 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
             bar.n = offset + start
             bar.refresh()
             tag_index = dm_train.tag_index()
+            if phase == "dm" and start > 0 and spent / 60 > cfg.max_minutes:  # the guard stopped this run already
+                stopped_early = start < n_steps
+                break
             for s in range(start, n_steps):
                 gstep = offset + s + 1
                 if phase == "lm":
@@ -390,13 +395,14 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
                                      "grad_norm": engine.grad_norm or 0.0, **lrs}, step=gstep)
                 bar.update(1)
                 bar.set_postfix(phase=phase, loss=f"{loss:.4f}")
-                out_of_time = phase == "dm" and _any_rank((time.time() - t_start) / 60 > cfg.max_minutes)
+                out_of_time = phase == "dm" and _any_rank((spent + time.time() - t_start) / 60 > cfg.max_minutes)
                 last = s + 1 == n_steps or out_of_time
                 if gstep % cfg.checkpoint_interval == 0 or last:
                     losses.write()  # before the checkpoint: a resume keeps the rows up to its step
                     path = save_training_checkpoint(engine, cfg.run_dir, gstep, keep_last=cfg.keep_last,
                                                     extra={"phase": phase, "phase_step": s + 1,
-                                                           "config": training_signature(cfg)},
+                                                           "config": training_signature(cfg),
+                                                           "elapsed_s": spent + time.time() - t_start},
                                                     stage_state={"ema": ema.state_dict()} if ema is not None else None)
                     tracker.log_checkpoint(path, gstep, seed=cfg.seed, data_version=dversion, params=params)
                 if phase == "dm" and main and (gstep % cfg.eval_interval == 0 or last):
@@ -407,7 +413,7 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
             if stopped_early:
                 break
         bar.close()
-        train_minutes = (time.time() - t_start) / 60
+        train_minutes = (spent + time.time() - t_start) / 60  # every invocation of this run
         _detach_from_engine(model, engine, ema)
         summary = _finish(model, cfg, tracker, losses, heldout, grid_items, main, train_minutes, stopped_early)
         status = "FINISHED"
