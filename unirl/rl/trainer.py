@@ -311,10 +311,14 @@ def train_rl(cfg: RLConfig, scenario: Scenario | None = None) -> dict[str, Any]:
             eval_seconds = time.perf_counter() - t0
             tracker.log_metrics({f"eval/{k}": v for k, v in before.items()}, step=0)
 
+        def elapsed_s() -> float:
+            """Seconds this run has taken, earlier invocations included (what the budget counts)."""
+            return spent + time.perf_counter() - t_start
+
         def save(step: int) -> None:
             extra = {"config": to_dict(cfg), "history": history, "eval_before": before,
                      "eval_seconds": eval_seconds, "nan_steps": nan_steps,
-                     "elapsed_s": spent + time.perf_counter() - t_start}
+                     "elapsed_s": elapsed_s()}
             path = save_training_checkpoint(engine, cfg.run_dir, step, extra=extra, keep_last=cfg.keep_checkpoints,
                                             stage_state={"ema": ema.state_dict()} if ema is not None else None)
             tracker.log_checkpoint(path, step, seed=cfg.seed, data_version=dvc_version)
@@ -326,9 +330,8 @@ def train_rl(cfg: RLConfig, scenario: Scenario | None = None) -> dict[str, Any]:
         repeats = cfg.eval_seeds if getattr(scenario, "eval_uses_seed", True) else 1
         final_s = eval_seconds * (1.0 + 2.0 * cfg.grid_prompts / max(1, len(eval_prompts) * repeats)) + 5.0
         for step in bar:
-            elapsed = spent + time.perf_counter() - t_start
             last = history[-1]["time/step_s"] if history and "time/step_s" in history[-1] else 0.0
-            over = cfg.max_minutes > 0 and elapsed + last + final_s > cfg.max_minutes * 60
+            over = cfg.max_minutes > 0 and elapsed_s() + last + final_s > cfg.max_minutes * 60
             if _all_min(0.0 if over else 1.0) == 0.0:
                 stopped_early = True
                 break
@@ -364,7 +367,7 @@ def train_rl(cfg: RLConfig, scenario: Scenario | None = None) -> dict[str, Any]:
             "seed": cfg.seed,
             "steps": done,
             "stopped_early": stopped_early,
-            "minutes": (spent + time.perf_counter() - t_start) / 60,  # every invocation of this run
+            "minutes": elapsed_s() / 60,  # every invocation of this run
             "before": before,
             "after": after,
             "delta": {k: after[k] - before[k] for k in after if k in before and not k.endswith("/seed_std")},

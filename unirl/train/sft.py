@@ -336,6 +336,10 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     # `spent`: the time earlier invocations of this run trained; the wall-time guard counts it, so a run the guard
     # stopped, rerun with the same settings (`dvc repro` after a code change), evaluates again instead of training on
     ckpt, phase0, phase_step0, spent = _resume_point(cfg)
+
+    def trained_minutes() -> float:
+        return (spent + time.time() - t_start) / 60
+
     tok = load_tokenizer(cfg.tokenizer_dir)
     mcfg = with_trained_vae(load_model_config(cfg.profile), cfg.vae_dir)
     torch.manual_seed(cfg.seed)
@@ -395,14 +399,14 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
                                      "grad_norm": engine.grad_norm or 0.0, **lrs}, step=gstep)
                 bar.update(1)
                 bar.set_postfix(phase=phase, loss=f"{loss:.4f}")
-                out_of_time = phase == "dm" and _any_rank((spent + time.time() - t_start) / 60 > cfg.max_minutes)
+                out_of_time = phase == "dm" and _any_rank(trained_minutes() > cfg.max_minutes)
                 last = s + 1 == n_steps or out_of_time
                 if gstep % cfg.checkpoint_interval == 0 or last:
                     losses.write()  # before the checkpoint: a resume keeps the rows up to its step
                     path = save_training_checkpoint(engine, cfg.run_dir, gstep, keep_last=cfg.keep_last,
                                                     extra={"phase": phase, "phase_step": s + 1,
                                                            "config": training_signature(cfg),
-                                                           "elapsed_s": spent + time.time() - t_start},
+                                                           "elapsed_s": trained_minutes() * 60},
                                                     stage_state={"ema": ema.state_dict()} if ema is not None else None)
                     tracker.log_checkpoint(path, gstep, seed=cfg.seed, data_version=dversion, params=params)
                 if phase == "dm" and main and (gstep % cfg.eval_interval == 0 or last):
@@ -413,7 +417,7 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
             if stopped_early:
                 break
         bar.close()
-        train_minutes = (spent + time.time() - t_start) / 60  # every invocation of this run
+        train_minutes = trained_minutes()  # every invocation of this run
         _detach_from_engine(model, engine, ema)
         summary = _finish(model, cfg, tracker, losses, heldout, grid_items, main, train_minutes, stopped_early)
         status = "FINISHED"

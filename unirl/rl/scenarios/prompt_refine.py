@@ -120,21 +120,18 @@ class PromptRefineScenario(ScenarioBase):
         refined = self.scores(gen, rewrites, prompts, seeds)
         raw = self.scores(gen, [p["prompt"] for p in prompts], prompts, seeds)
 
-        def mean(rs: list[dict], key: str) -> float:
-            return sum(float(r[key]) for r in rs) / len(rs)
-
         fmt = format_reward(texts, [p["prompt"] for p in prompts], prompts)
         tags = [p["tag"] for p in prompts]
-        per_tag = {k: v for k, v in geneval_metrics(refined, tags).items() if k.startswith("score/")}
-        per_tag |= {f"raw_{k}": v for k, v in geneval_metrics(raw, tags).items() if k.startswith("score/")}
+        ours, base = geneval_metrics(refined, tags), geneval_metrics(raw, tags)  # overall and per-tag means
         return {
-            "geneval_score": mean(refined, "score"),
-            "raw_geneval_score": mean(raw, "score"),
-            "gain_over_raw": mean(refined, "score") - mean(raw, "score"),
-            "geneval_correct": mean(refined, "correct"),
-            "raw_geneval_correct": mean(raw, "correct"),
+            "geneval_score": ours["geneval_score"],
+            "raw_geneval_score": base["geneval_score"],
+            "gain_over_raw": ours["geneval_score"] - base["geneval_score"],
+            "geneval_correct": ours["geneval_correct"],
+            "raw_geneval_correct": base["geneval_correct"],
             "format": sum(fmt) / len(fmt),
-            **per_tag,
+            **{k: v for k, v in ours.items() if k.startswith("score/")},
+            **{f"raw_{k}": v for k, v in base.items() if k.startswith("score/")},
         }
 
     def scores(self, gen: Any, texts: list[str | None], prompts: list[dict], seeds: list[int]) -> list[dict]:
