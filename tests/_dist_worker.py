@@ -23,7 +23,14 @@ from _worker_common import param_digest
 from safetensors.torch import save_file
 from torch import nn
 
-from unirl.train import EngineConfig, build_engine, load_checkpoint, resume_training, save_training_checkpoint
+from unirl.train import (
+    EngineConfig,
+    build_engine,
+    load_checkpoint,
+    resume_training,
+    save_training_checkpoint,
+    shutdown_distributed,
+)
 
 IN_DIM, HIDDEN, OUT_DIM, BATCH = 6, 16, 3, 4
 
@@ -136,6 +143,7 @@ def main(argv: list[str] | None = None) -> None:
                 Path(args.out, "ready").write_text(str(step + 1))
                 time.sleep(600)
             if args.stop_after == step + 1:
+                shutdown_distributed()
                 return
     out = Path(args.out)
     state = engine.model_state_dict()
@@ -148,9 +156,11 @@ def main(argv: list[str] | None = None) -> None:
         "resumed_from": resumed_from,
         "optimizer_step": engine.optimizer_step,
     }
-    (out / f"rank{rank}.json").write_text(json.dumps(record))
     if rank == 0:
         save_file({k: v.cpu().contiguous() for k, v in state.items()}, str(out / "final.safetensors"))
+    shutdown_distributed()
+    record["group_left"] = not torch.distributed.is_initialized()
+    (out / f"rank{rank}.json").write_text(json.dumps(record))
 
 
 if __name__ == "__main__":

@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = rl_config(root, args.scenario, args.tag, steps=args.steps, checkpoint_every=args.checkpoint_every,
                     engine=EngineConfig(backend=args.backend, grad_clip=1.0), ema_decay=args.ema_decay)
     summary = train_rl(cfg)
-    from unirl.train.distributed import dist_info
+    from unirl.train.distributed import dist_info, shutdown_distributed
 
     info = dist_info()
     out = root / args.tag
@@ -172,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
               "trainable_sha256": summary["trainable_sha256"]}
     if info.rank == 0:
         record["saved_digest"] = param_digest(UnifiedModel.from_pretrained(cfg.out_dir).state_dict())
+    shutdown_distributed()
     (out / f"rank{info.rank}.json").write_text(json.dumps(record))
     return 0
 

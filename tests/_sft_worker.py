@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from unirl.config import from_dict
+from unirl.train import shutdown_distributed
 from unirl.train.sft import SFTConfig, run_sft
 
 
@@ -25,6 +26,7 @@ def main() -> None:
     rank = int(os.environ.get("RANK", "0"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    shutdown_distributed()
     (out / f"rank{rank}.json").write_text(json.dumps({"digest": summary["param_digest"], "rank": rank}))
 
 

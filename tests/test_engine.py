@@ -214,6 +214,7 @@ def test_two_processes_end_identical_and_equal_the_averaged_gradient(tmp_path, b
     records = _torchrun(tmp_path, *args)
     assert [r["resumed_from"] for r in records] == ([1, 1] if resume else [None, None])
     assert [r["world_size"] for r in records] == [2, 2]
+    assert all(r["group_left"] for r in records)  # shutdown_distributed left the group before exit
     assert records[0]["digest"] == records[1]["digest"]
     assert records[0]["optimizer_step"] == steps
     final = load_file(str(tmp_path / "final.safetensors"))

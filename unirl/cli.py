@@ -233,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "rl":
         kwargs = {"scenario": scenario}
     summary = run_stage(args.command, args.params, overrides, **kwargs)
+    if args.command in RELAUNCHABLE:  # a launcher's rank leaves its group before exit (see shutdown_distributed)
+        from unirl.train.distributed import shutdown_distributed
+
+        shutdown_distributed()
     print(json.dumps(summary, indent=None, default=str))
     return 0
 

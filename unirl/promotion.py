@@ -188,7 +188,7 @@ def run_promote(cfg: PromoteConfig) -> dict[str, Any]:
     """Register every evaluated checkpoint and move the aliases (see the module docstring); returns the decisions."""
     import mlflow
 
-    from unirl.data.shards import atomic_write_json
+    from unirl.atomic import atomic_write_json
     from unirl.models.io import WEIGHTS_FILE, read_config
     from unirl.serving import log_serving_model
     from unirl.tracking import MlflowTracker, data_version, flatten_params, git_commit

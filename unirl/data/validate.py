@@ -31,11 +31,11 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 from PIL import Image
 
+from unirl.atomic import atomic_write_json
 from unirl.data.shards import (
     IMAGE_EXTS,
     REQUIRED_IMAGES,
     ShardError,
-    atomic_write_json,
     list_shards,
     open_checked_tar,
     read_member,

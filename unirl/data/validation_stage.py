@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from unirl.atomic import atomic_write_json
 from unirl.config import option
 from unirl.data import shapes
 from unirl.data import tasks as task_lib
@@ -47,11 +45,7 @@ def run_validate(cfg: ValidateConfig) -> dict[str, Any]:
         "success": all(r.success for r in reports.values()),
         "tasks": {t: {"success": r.success, "failed": r.failed, "evaluated": r.evaluated} for t, r in reports.items()},
     }
-    path = Path(cfg.report_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, path)
+    atomic_write_json(cfg.report_path, summary, sort_keys=False)
     for report in reports.values():
         raise_on_failure(report)
     return summary

@@ -31,8 +31,9 @@ from typing import Any
 
 import torch
 
+from unirl.atomic import atomic_write_json, atomic_write_text
 from unirl.config import option, to_dict
-from unirl.data.shards import atomic_write_json, read_samples
+from unirl.data.shards import read_samples
 from unirl.data.verifier import load_geneval_metadata
 from unirl.eval.benchmarks import BENCHMARKS, IMAGE_BENCHMARKS, BenchmarkResult, Sampling, select_balanced
 from unirl.eval.geneval import load_detector, write_geneval_folder
@@ -102,19 +103,6 @@ class EvalConfig:
     tracking: bool = option(True, "Log the run to MLflow.")
     experiment: str = option("eval", "MLflow experiment name.")
     dvc_lock: str = option("dvc.lock", "dvc.lock whose hash of shards_dir is recorded as the data version.")
-
-
-def _write_json(path: Path, obj: Any) -> Path:
-    """Indented JSON in insertion order (checkpoints stay in params order), via a temp file + rename."""
-    return _write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
-
-
-def _write_text(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
 
 
 def _replace_folder(target: Path, write: Any) -> Path:
@@ -274,17 +262,17 @@ def assemble_results(cfg: EvalConfig, tracker: Any | None = None) -> dict[str, A
     results: dict[str, Any] = {"checkpoints": checkpoints, "headline": dict(cfg.headline), "settings": settings,
                                "paths": paths, "skipped": skipped, "timing_s": timing, "columns": columns}
     flat = {f"{name}/{m}": v for name, metrics in checkpoints.items() for m, v in metrics.items()}
-    _write_json(out / "metrics.json", flat)
+    atomic_write_json(out / "metrics.json", flat, sort_keys=False)
 
     def write_plots(folder: Path) -> None:
         folder.mkdir(parents=True)
         for c in columns:
             plot = [{"checkpoint": name, "value": m[c]} for name, m in checkpoints.items() if c in m]
-            _write_json(folder / f"{c.replace('/', '__')}.json", plot)
+            atomic_write_json(folder / f"{c.replace('/', '__')}.json", plot, sort_keys=False)
 
     _replace_folder(out / "plots", write_plots)
-    _write_text(out / "table.md", md)
-    _write_json(out / "table.json", table)
+    atomic_write_text(out / "table.md", md)
+    atomic_write_json(out / "table.json", table, sort_keys=False)
 
     own = tracker is None
     tracker = tracker or make_tracker(cfg.experiment, enabled=cfg.tracking, is_main=True)
@@ -293,7 +281,7 @@ def assemble_results(cfg: EvalConfig, tracker: Any | None = None) -> dict[str, A
     try:
         tracker.log_metrics(flat, step=0)
         results["mlflow_run"] = tracker.run_url()
-        _write_json(out / "results.json", results)
+        atomic_write_json(out / "results.json", results, sort_keys=False)
         for name in ("results.json", "table.md", "table.json", "metrics.json"):
             tracker.log_artifact(out / name)
         for sub in ("grids", "benchmarks"):

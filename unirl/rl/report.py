@@ -12,17 +12,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from unirl.atomic import atomic_write_text
+
 if TYPE_CHECKING:
     from unirl.rl.scenario import Scenario
 
-__all__ = ["atomic_text", "before_after_grid", "step_metrics", "write_reward_curve"]
-
-
-def atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+__all__ = ["before_after_grid", "step_metrics", "write_reward_curve"]
 
 
 def step_metrics(rewards: torch.Tensor, parts: dict[str, list[float]], adv: torch.Tensor) -> dict[str, float]:
@@ -49,7 +44,7 @@ def write_reward_curve(history: list[dict[str, float]], csv_path: Path, png_path
     w.writeheader()
     for row in history:
         w.writerow({k: row.get(k, "") for k in ["step", *keys]})
-    atomic_text(csv_path, buf.getvalue())
+    atomic_write_text(csv_path, buf.getvalue())
     fig, ax = plt.subplots(figsize=(6, 3.5))
     steps = [r["step"] for r in history]
     for k in [k for k in keys if k.startswith("reward/") and k.endswith("/mean")] or ["reward/mean"]:

@@ -45,9 +45,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from unirl.atomic import atomic_write_json
 from unirl.config import from_dict, load_params, merge_overrides, option, to_dict
 from unirl.rl.prompts import load_prompts, sample_prompts
-from unirl.rl.report import atomic_text, before_after_grid, step_metrics, write_reward_curve
+from unirl.rl.report import before_after_grid, step_metrics, write_reward_curve
 from unirl.rl.scenario import Scenario, get_scenario
 from unirl.train.checkpoint import CheckpointError, inputs_digest
 from unirl.train.ema import WeightEMA
@@ -384,7 +385,7 @@ def train_rl(cfg: RLConfig, scenario: Scenario | None = None) -> dict[str, Any]:
             else:
                 model.save_pretrained(cfg.out_dir)
             reports = Path(cfg.reports_dir)
-            atomic_text(reports / "metrics.json", json.dumps(summary, indent=2))
+            atomic_write_json(reports / "metrics.json", summary, sort_keys=False)
             if history:
                 fig = write_reward_curve(history, reports / "reward_curve.csv", reports / "reward_curve.png")
                 tracker.log_figure(fig, "reward_curve")

@@ -13,7 +13,7 @@ from unirl.train.checkpoint import (
     save_checkpoint,
     save_training_checkpoint,
 )
-from unirl.train.distributed import DistInfo, init_distributed, rank0_print
+from unirl.train.distributed import DistInfo, init_distributed, rank0_print, shutdown_distributed
 from unirl.train.engine import Engine, EngineConfig, build_engine
 
 __all__ = [
@@ -30,4 +30,5 @@ __all__ = [
     "resume_training",
     "save_checkpoint",
     "save_training_checkpoint",
+    "shutdown_distributed",
 ]

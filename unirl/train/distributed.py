@@ -33,6 +33,7 @@ __all__ = [
     "dist_info",
     "init_distributed",
     "rank0_print",
+    "shutdown_distributed",
 ]
 
 
@@ -149,6 +150,22 @@ def barrier() -> None:
     """``dist.barrier()`` when a group exists, else nothing."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def shutdown_distributed() -> None:
+    """Leave a launcher's process group cleanly: a barrier (every rank is past its last collective), then
+    ``destroy_process_group``.
+
+    Call it at the end of a rank's successful run. A rank that exits with its ``gloo`` group (and DeepSpeed's
+    shared-memory communicator) still alive can abort in interpreter teardown ("terminate called without an active
+    exception", SIGABRT) after its work is done, and torchrun then reports the whole job failed. The 1-process
+    group :func:`init_distributed` creates for an in-process stage is left alone (later stages of the same process
+    reuse it); without a group this does nothing.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or not under_launcher():
+        return
+    barrier()
+    dist.destroy_process_group()
 
 
 def rank0_print(*args: Any, **kwargs: Any) -> None:

@@ -26,11 +26,9 @@ learning rates every step, a sample grid each ``eval_interval`` and every checkp
 from __future__ import annotations
 
 import copy
-import csv
 import dataclasses
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +37,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from unirl.atomic import atomic_write_json
 from unirl.config import option, to_dict
 from unirl.eval.grid import make_grid, save_image_atomic
 from unirl.models.config import load_model_config
@@ -58,6 +57,7 @@ from unirl.train.checkpoint import (
 from unirl.train.distributed import barrier, default_device, init_distributed
 from unirl.train.ema import WeightEMA
 from unirl.train.engine import Engine, EngineConfig, build_engine
+from unirl.train.loss_log import LossLog
 from unirl.train.losses import flow_matching_loss, lm_loss
 from unirl.train.vae import with_trained_vae
 
@@ -135,71 +135,6 @@ class SFTConfig:
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-class _LossLog:
-    """Per-step loss rows kept in ``run_dir/loss.csv`` (so a resumed run keeps its history), rank 0 only."""
-
-    def __init__(self, path: Path, resume_step: int, enabled: bool) -> None:
-        self.path, self.enabled = path, enabled
-        self.rows: list[tuple[int, str, float]] = []
-        if enabled and resume_step > 0 and path.exists():
-            with path.open() as f:
-                self.rows = [(int(r["step"]), r["phase"], float(r["loss"])) for r in csv.DictReader(f)
-                             if int(r["step"]) <= resume_step]
-
-    def add(self, step: int, phase: str, loss: float) -> None:
-        if self.enabled:
-            self.rows.append((step, phase, loss))
-
-    def write(self, path: Path | None = None) -> Path | None:
-        if not self.enabled:
-            return None
-        path = path or self.path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with tmp.open("w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["step", "phase", "loss"])
-            w.writerows(self.rows)
-        os.replace(tmp, path)
-        return path
-
-    def plot(self, path: Path) -> Path | None:
-        if not self.enabled or not self.rows:
-            return None
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-        for ax, phase, title in ((axes[0], "lm", "LM cross-entropy"), (axes[1], "dm", "flow matching MSE")):
-            pts = [(s, v) for s, p, v in self.rows if p == phase]
-            if pts:
-                s, v = zip(*pts)
-                k = max(1, len(v) // 50)
-                smooth = [sum(v[max(0, i - k):i + 1]) / len(v[max(0, i - k):i + 1]) for i in range(len(v))]
-                ax.plot(s, v, alpha=0.25, lw=0.6)
-                ax.plot(s, smooth, lw=1.2)
-            ax.set_title(title)
-            ax.set_xlabel("global step")
-            ax.set_yscale("log")
-        fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp.png")
-        fig.savefig(tmp, dpi=100)
-        plt.close(fig)
-        os.replace(tmp, path)
-        return path
-
-
-def _write_json(path: Path, obj: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-    return path
-
-
 # Fields that do not change what is trained (outputs, logging, evaluation, the budget guard): a run may resume
 # with other values of these; any other difference makes the checkpoint belong to another run.
 _RESUMABLE_CHANGES = {"out_dir", "run_dir", "resume_from", "metrics_path", "loss_csv", "loss_plot", "grid_path",
@@ -357,7 +292,7 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     tracker = make_tracker(cfg.experiment, enabled=cfg.tracking, is_main=main)
     tracker.start("sft", params=params, tags={"seed": str(cfg.seed), "data_version": str(dversion),
                                               "resumed_from": str(ckpt) if ckpt else ""})
-    losses = _LossLog(Path(cfg.run_dir) / "loss.csv", 0, main)
+    losses = LossLog(Path(cfg.run_dir) / "loss.csv", 0, main)
     total_steps = cfg.lm_steps + cfg.dm_steps
     bar = progress_bar(total=total_steps, desc="sft", unit="step", disable=not (cfg.progress and main))
     status = "FAILED"
@@ -378,7 +313,7 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
                 if ema is not None:
                     ema.load_state_dict(loaded.stage_state.get("ema"), loaded.path)
                 start = phase_step0
-                losses = _LossLog(Path(cfg.run_dir) / "loss.csv", offset + start, main)
+                losses = LossLog(Path(cfg.run_dir) / "loss.csv", offset + start, main)
             bar.n = offset + start
             bar.refresh()
             tag_index = dm_train.tag_index()
@@ -452,7 +387,7 @@ def _detach_from_engine(model: UnifiedModel, engine: Engine | None, ema: WeightE
         model.load_state_dict(ema.averaged(state) if ema is not None else state)
 
 
-def _finish(model: UnifiedModel, cfg: SFTConfig, tracker: Any, losses: _LossLog, heldout: list[dict],
+def _finish(model: UnifiedModel, cfg: SFTConfig, tracker: Any, losses: LossLog, heldout: list[dict],
             grid_items: list[dict], main: bool, train_minutes: float, stopped_early: bool) -> dict[str, Any]:
     """Rank 0: save the model, evaluate, write metrics/plots; all ranks: wait for it and return the summary."""
     summary: dict[str, Any] = {"out_dir": cfg.out_dir, "metrics_path": cfg.metrics_path,
@@ -472,7 +407,7 @@ def _finish(model: UnifiedModel, cfg: SFTConfig, tracker: Any, losses: _LossLog,
                    "run_url": tracker.run_url(),
                    "final_loss": {p: next((v for s, q, v in reversed(losses.rows) if q == p), None)
                                   for p in ("lm", "dm")}}
-        _write_json(Path(cfg.metrics_path), metrics)
+        atomic_write_json(cfg.metrics_path, metrics)
         losses.write(Path(cfg.loss_csv))
         plot = losses.plot(Path(cfg.loss_plot))
         pick = {id(r): im for r, im in zip(heldout, images)}

@@ -43,9 +43,9 @@ import torch.nn.functional as F
 from diffusers import AutoencoderDC
 from PIL import Image
 
+from unirl.atomic import atomic_write_json
 from unirl.config import option, to_dict
 from unirl.data import verifier
-from unirl.data.shards import atomic_write_json
 from unirl.eval.grid import make_grid, save_image_atomic
 from unirl.models.config import ModelConfig, load_model_config
 from unirl.models.tokenizer import staged_dir
