@@ -233,11 +233,14 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "rl":
         kwargs = {"scenario": scenario}
     summary = run_stage(args.command, args.params, overrides, **kwargs)
-    if args.command in RELAUNCHABLE:  # a launcher's rank leaves its group before exit (see shutdown_distributed)
-        from unirl.train.distributed import shutdown_distributed
+    line = json.dumps(summary, indent=None, default=str)
+    if args.command not in RELAUNCHABLE:
+        print(line)
+        return 0
+    from unirl.train.distributed import print_in_rank_order, shutdown_distributed
 
-        shutdown_distributed()
-    print(json.dumps(summary, indent=None, default=str))
+    print_in_rank_order(line)  # one whole line per rank: ranks share the launcher's stdout
+    shutdown_distributed()  # a launcher's rank leaves its group before exit (see there)
     return 0
 
 

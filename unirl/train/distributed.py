@@ -32,6 +32,7 @@ __all__ = [
     "default_device",
     "dist_info",
     "init_distributed",
+    "print_in_rank_order",
     "rank0_print",
     "shutdown_distributed",
 ]
@@ -149,6 +150,21 @@ def init_distributed(backend: str | None = None, require_group: bool = False) ->
 def barrier() -> None:
     """``dist.barrier()`` when a group exists, else nothing."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def print_in_rank_order(text: str) -> None:
+    """Print ``text`` on every rank, rank 0 first, each rank's output flushed before the next rank writes.
+
+    Ranks under one launcher share its stdout; lines they print at the same moment (after a collective) can be cut
+    into each other when a buffer flushes mid-line. Without a group of several processes it is a plain ``print``.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        print(text, flush=True)
+        return
+    for rank in range(dist.get_world_size()):
+        if rank == dist.get_rank():
+            print(text, flush=True)
         dist.barrier()
 
 
