@@ -19,7 +19,7 @@ import unirl.rewards.judge as judge_module
 import unirl.rl.lm_policy as lm_policy_module
 from unirl.data import tasks
 from unirl.data.shard_writer import write_shards
-from unirl.models.unified import TextSamples
+from unirl.models.outputs import TextSamples
 from unirl.rewards.judge import judgement_reward
 from unirl.rewards.text import answer_accuracy, format_reward
 from unirl.rl.grpo import group_advantages

@@ -22,7 +22,8 @@ from PIL import Image
 from transformers import DynamicCache
 
 if TYPE_CHECKING:
-    from unirl.models.unified import Conditioning, TextSamples, UnifiedModel
+    from unirl.models.outputs import Conditioning, TextSamples
+    from unirl.models.unified import UnifiedModel
 
 
 def next_token(logits: torch.Tensor, temperature: float, top_k: int | None,
@@ -86,7 +87,7 @@ def prefill(model: UnifiedModel, prompts: Sequence[str], images: Sequence[Image.
 def sample_text(model: UnifiedModel, prompts: Sequence[str], images: Sequence[Image.Image | None] | None,
                 max_new_tokens: int, temperature: float, top_k: int | None,
                 generator: torch.Generator | None, group_size: int = 1) -> TextSamples:
-    from unirl.models.unified import TextSamples
+    from unirl.models.outputs import TextSamples
 
     special = model._require_text().special
     start = prefill(model, prompts, images, group_size)

@@ -42,7 +42,8 @@ from unirl.rl.flow_sde import dm_grpo_loss, dm_kl, ode_step, sde_log_prob, sde_m
 from unirl.rl.flow_sde import sde_window as choose_window
 
 if TYPE_CHECKING:  # pragma: no cover
-    from unirl.models.unified import Conditioning, UnifiedModel
+    from unirl.models.outputs import Conditioning
+    from unirl.models.unified import UnifiedModel
     from unirl.rl.trainer import RLConfig
 
 __all__ = ["DMRollout", "DMSampling", "ReplayResult", "dm_loss", "dm_rollout", "ode_images", "replay", "replay_step",
@@ -185,7 +186,7 @@ def _check_same_sampling(rollouts: Sequence[DMRollout]) -> DMSampling:
 
 def _conditioning(model: UnifiedModel, rollouts: Sequence[DMRollout], per: int) -> Conditioning:
     """Each rollout's conditioning, encoded once per unit, repeated ``repeat * per`` times, concatenated."""
-    from unirl.models.unified import Conditioning
+    from unirl.models.outputs import Conditioning
 
     return Conditioning.cat([model.encode(r.texts, r.images, r.task, r.prefix_ids).repeat_interleave(r.repeat * per)
                              for r in rollouts])

@@ -32,8 +32,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from unirl.models.outputs import TextSamples
 from unirl.models.sampling import prefill
-from unirl.models.unified import TextSamples, UnifiedModel
+from unirl.models.unified import UnifiedModel
 from unirl.rewards.registry import combine
 from unirl.rl.grpo import completion_mask, lm_grpo_loss
 

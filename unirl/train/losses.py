@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from unirl.models.inputs import IGNORE_INDEX
-from unirl.models.unified import Conditioning, UnifiedModel
+from unirl.models.outputs import Conditioning
+from unirl.models.unified import UnifiedModel
 
 
 def _randn(shape: Sequence[int], generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
