@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 
@@ -23,6 +25,15 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
         atomic_write_json(target, {"a": _Unprintable()})
     assert json.loads(target.read_text()) == {"a": [1.5, "x"], "b": 1}
     assert [p.name for p in target.parent.iterdir()] == ["metrics.json"]
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = atomic_write_text(tmp_path / "table.md", "x\n")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644  # readable by the team, as a plain open() would make it
 
 
 def test_json_keeps_insertion_order_when_asked_and_text_is_utf8(tmp_path):
