@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from unirl.atomic import atomic_write_json, atomic_write_text
+from unirl.atomic import atomic_write_json, atomic_write_text, staged_dir
 from unirl.train.loss_log import LossLog
 
 
@@ -55,3 +55,18 @@ def test_loss_log_resumes_with_the_rows_up_to_its_step_and_plots_both_phases(tmp
     off = LossLog(tmp_path / "other.csv", 0, enabled=False)  # ranks other than 0 keep and write nothing
     off.add(1, "lm", 1.0)
     assert off.write() is None and off.plot(tmp_path / "x.png") is None and not (tmp_path / "other.csv").exists()
+
+
+def test_a_staged_folder_replaces_the_old_one_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "plots"
+    with staged_dir(target) as tmp:
+        (tmp / "a.json").write_text("1")
+        (tmp / "b.json").write_text("2")
+    with pytest.raises(RuntimeError, match="half-way"), staged_dir(target) as tmp:
+        (tmp / "c.json").write_text("3")
+        raise RuntimeError("failed half-way")
+    assert sorted(p.name for p in target.iterdir()) == ["a.json", "b.json"]  # the failed run left no trace
+    with staged_dir(target) as tmp:
+        (tmp / "c.json").write_text("3")
+    assert [p.name for p in target.iterdir()] == ["c.json"]  # no stale files of the earlier, larger run
+    assert [p.name for p in tmp_path.iterdir()] == ["plots"] and stat.S_IMODE(target.stat().st_mode) == 0o755

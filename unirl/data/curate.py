@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from unirl.atomic import atomic_output, atomic_write_text
 from unirl.config import option
 from unirl.data import tasks as task_lib
 from unirl.data import verifier
@@ -168,14 +169,10 @@ def task_dir(cfg: CurateConfig, task: str) -> Path:
 
 def write_corpus(lines: list[str], path: str | os.PathLike) -> Path:
     """Write the tokenizer corpus atomically (one text per line, newlines inside a text folded to spaces)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for line in lines:
             f.write(" ".join(line.split()) + "\n")
-    os.replace(tmp, path)
-    return path
+    return Path(path)
 
 
 def finalize(cfg: CurateConfig, progress: bool = True) -> dict[str, Any]:
@@ -214,11 +211,7 @@ def export_geneval_metadata(cfg: CurateConfig, split: str = "test") -> tuple[Pat
     for s in read_samples(task_dir(cfg, "t2i"), split, decode=False):
         md = s.meta["metadata"]
         seen.setdefault(md["prompt"], md)
-    path = Path(cfg.geneval_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(md) + "\n" for md in seen.values()))
-    os.replace(tmp, path)
+    path = atomic_write_text(cfg.geneval_path, "".join(json.dumps(md) + "\n" for md in seen.values()))
     return path, dict(Counter(md["tag"] for md in seen.values()))
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import webdataset as wds
 from PIL import Image
 
+from unirl.atomic import replace_dir
 from unirl.data.shards import FIXED_MTIME, SPLIT_RE, SampleLike, encode_png, sha256_file, validate_key
 
 __all__ = ["write_shards"]
@@ -98,7 +99,7 @@ def write_shards(
             for name in sorted(per_shard)
         ]
         os.chmod(tmp, 0o755)
-        _swap_dir(tmp, out_dir / task)
+        replace_dir(tmp, out_dir / task)
     except BaseException:
         for w in writers.values():
             try:
@@ -116,14 +117,3 @@ def write_shards(
         "image_keys": sorted(image_keys),
         "shards": shards,
     }
-
-
-def _swap_dir(new: Path, target: Path) -> None:
-    """Put directory ``new`` at ``target``, replacing an existing one with two renames."""
-    old = None
-    if target.exists():
-        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
-        os.replace(target, old / target.name)
-    os.replace(new, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -29,6 +29,7 @@ from typing import Any
 
 from PIL import Image
 
+from unirl.atomic import atomic_write_text
 from unirl.data.shapes import SHAPES
 from unirl.data.verifier import DEFAULT_DETECTOR, Detector, score, validate_metadata
 
@@ -144,9 +145,7 @@ def write_geneval_folder(
     for i, (md, samples) in enumerate(zip(metadatas, images)):
         folder = out / f"{i:05d}"
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / ".metadata.jsonl.tmp"
-        tmp.write_text(json.dumps(dict(md)) + "\n", encoding="utf-8")  # one line, as GenEval's json.dump writes
-        os.replace(tmp, folder / "metadata.jsonl")
+        atomic_write_text(folder / "metadata.jsonl", json.dumps(dict(md)) + "\n")  # one line, as GenEval writes
         for k, im in enumerate(samples):
             save_image_atomic(im, folder / "samples" / f"{k:05d}.png")
     return out
@@ -190,11 +189,7 @@ def score_geneval_folder(
     images, metadatas = _read_folder(Path(path))
     records = score_records(images, metadatas, det)
     if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-        os.replace(tmp, out)
+        atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in records))
     return summarize(records) | {"records": records}
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from unirl.atomic import atomic_output
+
 
 def make_grid(
     images: Sequence[Image.Image],
@@ -44,9 +46,6 @@ def make_grid(
 
 def save_image_atomic(image: Image.Image, path: str | os.PathLike) -> Path:
     """Save a PNG via a temporary file and rename, so readers never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    with atomic_output(path) as tmp:
+        image.save(tmp, format="PNG")
+    return Path(path)

@@ -23,15 +23,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from unirl.atomic import atomic_write_json, atomic_write_text
+from unirl.atomic import atomic_write_json, atomic_write_text, staged_dir
 from unirl.config import option, to_dict
 from unirl.data.shards import read_samples
 from unirl.data.verifier import load_geneval_metadata
@@ -103,16 +101,6 @@ class EvalConfig:
     tracking: bool = option(True, "Log the run to MLflow.")
     experiment: str = option("eval", "MLflow experiment name.")
     dvc_lock: str = option("dvc.lock", "dvc.lock whose hash of shards_dir is recorded as the data version.")
-
-
-def _replace_folder(target: Path, write: Any) -> Path:
-    """``write(tmp)`` into a sibling temp folder, then swap it in: no stale files from an earlier, larger run."""
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
-    return target
 
 
 def existing_checkpoints(cfg: EvalConfig) -> tuple[dict[str, Path], dict[str, str]]:
@@ -209,7 +197,8 @@ def run_benchmark(cfg: EvalConfig, benchmark: str, progress: bool = True) -> dic
         result["settings"][name] = sampling.record() | {"path": str(path)}
         result["records"][name] = res.records
         if res.images is not None and cfg.save_geneval_images:
-            _replace_folder(out / "geneval" / name, lambda tmp, ims=res.images: write_geneval_folder(tmp, items, ims))
+            with staged_dir(out / "geneval" / name) as tmp:  # no stale images from an earlier, larger run
+                write_geneval_folder(tmp, items, res.images)
         with_prompt = not rows  # the first row names the prompts
         rows.append([(im, f"{name} {outcome}" + (f" | {prompt}" if with_prompt else "")) for im, outcome, prompt
                      in res.previews])
@@ -264,13 +253,10 @@ def assemble_results(cfg: EvalConfig, tracker: Any | None = None) -> dict[str, A
     flat = {f"{name}/{m}": v for name, metrics in checkpoints.items() for m, v in metrics.items()}
     atomic_write_json(out / "metrics.json", flat, sort_keys=False)
 
-    def write_plots(folder: Path) -> None:
-        folder.mkdir(parents=True)
+    with staged_dir(out / "plots") as folder:  # no plot files of columns an earlier run had
         for c in columns:
             plot = [{"checkpoint": name, "value": m[c]} for name, m in checkpoints.items() if c in m]
             atomic_write_json(folder / f"{c.replace('/', '__')}.json", plot, sort_keys=False)
-
-    _replace_folder(out / "plots", write_plots)
     atomic_write_text(out / "table.md", md)
     atomic_write_json(out / "table.json", table, sort_keys=False)
 

@@ -21,8 +21,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
+from unirl.atomic import staged_dir
 from unirl.models.config import ModelConfig
-from unirl.models.tokenizer import load_tokenizer, staged_dir
+from unirl.models.tokenizer import load_tokenizer
 from unirl.models.unified import DTYPES, UnifiedModel, cast_parameters
 
 FORMAT = "unirl-unified-model"

@@ -13,18 +13,15 @@ them in the text the verifier and the format rewards read.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import tempfile
-import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from unirl.atomic import staged_dir
 from unirl.config import option
 
 PAD = "<|endoftext|>"
@@ -152,31 +149,6 @@ def save_tokenizer(tok: PreTrainedTokenizerBase, out_dir: str | os.PathLike) -> 
     return Path(out_dir)
 
 
-@contextlib.contextmanager
-def staged_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty sibling temp dir of ``out_dir``; on a clean exit it replaces ``out_dir`` (:func:`replace_dir`).
-
-    On an exception ``out_dir`` is left as it was; the temp dir is removed either way.
-    """
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move directory ``src`` to ``dst``, replacing an existing ``dst`` (rename-aside, rename-in, delete-old)."""
-    old = None
-    if dst.exists():
-        old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 @dataclass

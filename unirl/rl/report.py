@@ -6,13 +6,12 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from unirl.atomic import atomic_write_text
+from unirl.atomic import atomic_output, atomic_write_text
 
 if TYPE_CHECKING:
     from unirl.rl.scenario import Scenario
@@ -55,10 +54,8 @@ def write_reward_curve(history: list[dict[str, float]], csv_path: Path, png_path
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, png_path)
+    with atomic_output(png_path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return fig
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from pathlib import Path
 
-from unirl.atomic import atomic_write_text
+from unirl.atomic import atomic_output, atomic_write_text
 
 __all__ = ["LossLog"]
 
@@ -58,9 +57,7 @@ class LossLog:
             ax.set_xlabel("global step")
             ax.set_yscale("log")
         fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp.png")
-        fig.savefig(tmp, dpi=100)
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
         plt.close(fig)
-        os.replace(tmp, path)
         return path

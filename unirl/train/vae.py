@@ -43,12 +43,11 @@ import torch.nn.functional as F
 from diffusers import AutoencoderDC
 from PIL import Image
 
-from unirl.atomic import atomic_write_json
+from unirl.atomic import atomic_write_json, staged_dir
 from unirl.config import option, to_dict
 from unirl.data import verifier
 from unirl.eval.grid import make_grid, save_image_atomic
 from unirl.models.config import ModelConfig, load_model_config
-from unirl.models.tokenizer import staged_dir
 from unirl.progress import progress_bar
 from unirl.tracking import data_version, make_tracker
 from unirl.train.engine import EngineConfig, lr_factor
